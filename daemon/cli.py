@@ -1,0 +1,143 @@
+"""The ``calstream`` command line: run pipelines and steps, generate synthetic data.
+
+``calstream run calwebb_detector1 X_uncal.fits --output-dir D --steps.jump.rejection_threshold=5``
+``calstream run jump X_ramp.fits --rejection_threshold=5``
+``calstream synth --out D --crds-path C``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INPUT, EXIT_REFERENCE, EXIT_NOT_IMPLEMENTED = 0, 1, 2, 3, 4, 5
+
+PIPELINES = ("calwebb_detector1",)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    if args.crds_path:
+        os.environ["CRDS_PATH"] = str(Path(args.crds_path).resolve())
+    from .logs import configure  # noqa: PLC0415
+
+    configure(level=args.log_level, json=args.log_json)
+    return int(args.handler(args, extra))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="calstream", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--crds-path", help="local CRDS cache (sets CRDS_PATH)")
+    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run a pipeline or a single step on one file",
+                         description="Parameters: --steps.<step>.<name>=<value> for pipelines, "
+                                     "--<name>=<value> for a single step.")
+    run.add_argument("name", help="calwebb_detector1 or a step name (jump, ramp_fit, ...)")
+    run.add_argument("input", help="input file (uncal, ramp)")
+    run.add_argument("--output-dir", default=".", help="where products go (default: .)")
+    run.add_argument("--config", help="parameter file (jwst-style ASDF or TOML with [steps.<name>])")
+    run.add_argument("--crds-context", help="pin the CRDS context (else CRDS_CONTEXT, else the cache's)")
+    run.add_argument("--chunk-rows", type=int, default=256, help="rows processed at a time")
+    run.set_defaults(handler=_cmd_run)
+
+    synth = sub.add_parser("synth", help="generate synthetic NIRCam exposures, references and a CRDS cache")
+    synth.add_argument("--out", required=True, help="folder for the uncal files")
+    synth.add_argument("--detector", action="append", dest="detectors", help="e.g. NRCA1 (repeatable)")
+    synth.add_argument("--subarray", default="SUB160")
+    synth.add_argument("--readpatt", default="RAPID")
+    synth.add_argument("--ngroups", type=int, default=10)
+    synth.add_argument("--nints", type=int, default=1)
+    synth.add_argument("--exposures", type=int, default=1)
+    synth.add_argument("--segments", type=int, default=1)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(handler=_cmd_synth)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
+    from calstream.steps.errors import (CalstreamError, InputError, ParameterError,  # noqa: PLC0415
+                                        ReferenceFileError, StepNotImplementedError)
+    from calstream.steps.parameters import parse_cli_overrides  # noqa: PLC0415
+
+    try:
+        only_step = None if args.name in PIPELINES else args.name
+        if only_step is not None:
+            extra = [_as_step_arg(only_step, a) for a in extra]
+        cli_steps, cli_pipeline = parse_cli_overrides(extra)
+        if only_step is not None and cli_pipeline:
+            raise ParameterError(f"unknown arguments for step {only_step}: {sorted(cli_pipeline)}")
+        from calstream.steps.detector1 import calibrate_file  # noqa: PLC0415
+
+        started = time.perf_counter()
+        result = calibrate_file(args.input, args.output_dir, only_step=only_step, cli_steps=cli_steps,
+                                cli_pipeline=cli_pipeline, parameter_file=args.config,
+                                context=args.crds_context, chunk_rows=args.chunk_rows)
+    except InputError as exc:
+        return _fail(f"bad input: {exc}", EXIT_INPUT)
+    except ReferenceFileError as exc:
+        return _fail(f"reference file problem for {args.input}: {exc}", EXIT_REFERENCE)
+    except StepNotImplementedError as exc:
+        return _fail(f"not implemented: {exc}", EXIT_NOT_IMPLEMENTED)
+    except ParameterError as exc:
+        return _fail(f"bad parameter: {exc}", EXIT_USAGE)
+    except CalstreamError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    for kind, path in result.products.items():
+        print(f"{kind:9s} {path}")
+    skipped = [s for s, v in result.status.items() if v != "COMPLETE"]
+    print(f"context   {result.context}; skipped: {', '.join(skipped) or 'none'}; "
+          f"{time.perf_counter() - started:.2f} s")
+    return EXIT_OK
+
+
+def _as_step_arg(step: str, arg: str) -> str:
+    """``--rejection_threshold=5`` for step jump -> ``--steps.jump.rejection_threshold=5``."""
+    if arg.startswith("--") and not arg.startswith("--steps."):
+        return f"--steps.{step}.{arg[2:]}"
+    return arg
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"calstream: error: {message}", file=sys.stderr)
+    return code
+
+
+def _cmd_synth(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        return _fail(f"unknown arguments: {extra}", EXIT_USAGE)
+    crds_root = os.environ.get("CRDS_PATH")
+    if not crds_root:
+        return _fail("give --crds-path (where the synthetic CRDS cache is written)", EXIT_USAGE)
+    from calstream.steps.synth import generate_observation  # noqa: PLC0415
+
+    info = generate_observation(args.out, crds_root, detectors=tuple(args.detectors or ("NRCA1",)),
+                                subarray=args.subarray, readpatt=args.readpatt, ngroups=args.ngroups,
+                                nints=args.nints, n_exposures=args.exposures, nsegments=args.segments,
+                                seed=args.seed)
+    print(json.dumps(_jsonable(info), indent=2, default=str))
+    return EXIT_OK
+
+
+def _jsonable(info: Any) -> Any:
+    if hasattr(info, "__dataclass_fields__"):
+        import dataclasses  # noqa: PLC0415
+
+        return {k: v for k, v in dataclasses.asdict(info).items() if k != "truth"}
+    return info
+
+
+if __name__ == "__main__":
+    sys.exit(main())

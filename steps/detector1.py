@@ -1,0 +1,612 @@
+"""calwebb_detector1 for near-IR detectors, streamed in row chunks.
+
+The exposure is never held whole as float32: each block of rows (plus halo rows for the spatial
+steps) is read from the file, run through every step, and fitted; only the rate/rateints arrays
+are full-frame. Reference-pixel corrections, which need the whole frame's border pixels, are
+measured in a first light pass over the file.
+
+Module layout: :func:`plan_detector1` decides what runs (parameters, references, statuses);
+:func:`run_detector1` executes a plan on an input file and writes the products.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import structlog
+
+from . import dqflags
+from .crdsrefs import NOT_APPLICABLE, context_name, crds_version, reference_uri, select_references
+from .errors import InputError, ParameterError, ReferenceFileError, StepNotImplementedError
+from .exposure import NEAR_IR, Exposure, crds_parameters, exposure_from_header
+from .fitsio import RowReader, image_layout, open_header
+from .parameters import (DETECTOR1_NIR, NOT_IMPLEMENTED, PIPELINE_CLASS, StepSpec,
+                         crds_steppars_disabled, read_parameter_file, resolve)
+from .products import Provenance, product_path, write_ramp, write_rate
+from .references import Reference, open_reference
+
+log = structlog.get_logger("calstream.steps.detector1")
+
+COMPLETE, SKIPPED = "COMPLETE", "SKIPPED"
+#: rows above/below a chunk recomputed so spatial steps (saturation growth, IPC, jump
+#: neighbours) see the same neighbourhood as on the whole frame
+HALO_ROWS = 4
+DEFAULT_CHUNK_ROWS = 256
+#: steps that run before refpix and therefore feed its first pass
+_PRE_REFPIX = ("group_scale", "dq_init", "saturation", "ipc", "superbias")
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RampSource:
+    """An uncal (uint16 SCI) or ramp product (float32 SCI + PIXELDQ + GROUPDQ) read by rows."""
+
+    path: str
+    exposure: Exposure
+    kind: str                 # "uncal" | "ramp"
+    sci: RowReader
+    pixeldq: RowReader | None = None
+    groupdq: RowReader | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        e = self.exposure
+        return e.nints, e.ngroups, e.subsize2, e.subsize1
+
+    def read(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows [y0, y1): data float32 (nints, ngroups, h, nx) DN, gdq uint8, pdq uint32 (h, nx)."""
+        data = self.sci.read(y0, y1, dtype=np.float32)
+        nints, ngroups, _, nx = self.shape
+        if self.groupdq is not None:
+            gdq = self.groupdq.read(y0, y1, dtype=np.uint8)
+        else:
+            gdq = np.zeros(data.shape, dtype=np.uint8)
+        if self.pixeldq is not None:
+            pdq = self.pixeldq.read(y0, y1, dtype=np.uint32)
+        else:
+            pdq = np.zeros((y1 - y0, nx), dtype=np.uint32)
+        return data, gdq, pdq
+
+    def close(self) -> None:
+        for reader in (self.sci, self.pixeldq, self.groupdq):
+            if reader is not None:
+                reader.close()
+
+
+def open_ramp_source(path: str | Path) -> RampSource:
+    """Open and validate an uncal or ramp file; InputError names the file and the problem."""
+    path = str(path)
+    hdul = open_header(path)
+    try:
+        names = [h.name for h in hdul]
+    except Exception as exc:  # astropy raises OSError/ValueError/... for damaged HDU lists
+        raise InputError(path, f"damaged FITS structure ({exc})") from exc
+    if "SCI" not in names:
+        raise InputError(path, "no SCI extension: not a JWST exposure")
+    sci = image_layout(hdul, "SCI", path)
+    exposure = exposure_from_header(hdul[0].header, path, sci.shape)
+    if "GROUPDQ" in names:
+        kind = "ramp"
+        pdq = RowReader(image_layout(hdul, "PIXELDQ", path)) if "PIXELDQ" in names else None
+        gdq = RowReader(image_layout(hdul, "GROUPDQ", path))
+    else:
+        kind, pdq, gdq = "uncal", None, None
+        if sci.native_dtype.kind not in "ui":
+            raise InputError(path, f"uncal SCI must hold integer DN (uint16), found {sci.native_dtype}")
+    hdul.close()
+    return RampSource(path, exposure, kind, RowReader(sci), pdq, gdq)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: parameters, statuses, references
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Detector1Plan:
+    """Everything decided before any pixel is touched."""
+
+    exposure: Exposure
+    steps: tuple[StepSpec, ...]
+    params: dict[str, dict[str, Any]]
+    status: dict[str, str]            # step -> COMPLETE (will run) | SKIPPED
+    skip_reason: dict[str, str]
+    references: dict[str, str]        # reftype -> local path | N/A
+    context: str
+    pipeline: str | None              # "calwebb_detector1", or None for a single step
+    pipeline_params: dict[str, Any] = field(default_factory=dict)
+    parameter_sources: list[str] = field(default_factory=list)
+
+    def runs(self, step: str) -> bool:
+        return self.status.get(step) == COMPLETE
+
+
+def plan_detector1(exposure: Exposure, *, only_step: str | None = None,
+                   cli_steps: Mapping[str, Mapping[str, Any]] | None = None,
+                   cli_pipeline: Mapping[str, Any] | None = None,
+                   parameter_file: str | Path | None = None, context: str | None = None) -> Detector1Plan:
+    """Resolve parameters and references for ``exposure``.
+
+    ``only_step`` plans a single-step run (``calstream run jump X_ramp.fits``).
+    """
+    if exposure.instrument not in NEAR_IR:
+        raise StepNotImplementedError(
+            f"{exposure.path}: calwebb_detector1 for {exposure.instrument} (MIRI-specific steps emicorr, "
+            "rscd, firstframe, lastframe, reset) is not implemented in calstream yet")
+    steps = DETECTOR1_NIR if only_step is None else tuple(s for s in DETECTOR1_NIR if s.name == only_step)
+    if not steps:
+        raise ParameterError(f"unknown step {only_step!r}; known: " + ", ".join(s.name for s in DETECTOR1_NIR))
+    names = [s.name for s in steps]
+    ctx = context_name(context)
+    params_crds = crds_parameters(exposure.header)
+    layers: list[tuple[str, Mapping[str, Mapping[str, Any]]]] = []
+    sources: list[str] = ["defaults"]
+    if not crds_steppars_disabled():
+        for source, layer in _crds_parameter_layers(params_crds, steps, only_step is None, ctx, names):
+            layers.append((source, layer))
+            sources.append(source)
+    if parameter_file:
+        layers.append((str(parameter_file), read_parameter_file(parameter_file, names)))
+        sources.append(str(parameter_file))
+    if cli_steps:
+        layers.append(("command line", cli_steps))
+        sources.append("command line")
+    params = resolve(steps, layers)
+    status, reasons = _step_statuses(exposure, steps, params)
+    references = _select_step_references(exposure, steps, params, status, params_crds, ctx)
+    if "ipc" in status and status["ipc"] == COMPLETE and references.get("ipc") == NOT_APPLICABLE:
+        status["ipc"], reasons["ipc"] = SKIPPED, "CRDS gives N/A for the ipc reference"
+    pipeline_params = {"save_calibrated_ramp": False}
+    for key, value in (cli_pipeline or {}).items():
+        if key not in pipeline_params:
+            raise ParameterError(f"calwebb_detector1 has no parameter {key!r}")
+        from .parameters import coerce  # noqa: PLC0415
+
+        pipeline_params[key] = coerce("calwebb_detector1", key, value, pipeline_params[key])
+    return Detector1Plan(exposure, steps, params, status, reasons, references, ctx,
+                         "calwebb_detector1" if only_step is None else None, pipeline_params, sources)
+
+
+def _crds_parameter_layers(params_crds: Mapping[str, Any], steps: tuple[StepSpec, ...], with_pipeline: bool,
+                           context: str, names: list[str]) -> Iterator[tuple[str, dict[str, dict[str, Any]]]]:
+    """The pars-* references CRDS selects, each as a parameter layer (step refs, then pipeline)."""
+    reftypes = [s.pars_reftype for s in steps]
+    if with_pipeline:
+        reftypes.append("pars-" + PIPELINE_CLASS["calwebb_detector1"].lower())
+    found = _select_optional(params_crds, reftypes, context)
+    for reftype in reftypes:
+        path = found.get(reftype, NOT_APPLICABLE)
+        if path != NOT_APPLICABLE:
+            yield f"CRDS {reftype} {Path(path).name}", read_parameter_file(path, names)
+
+
+def _select_optional(params: Mapping[str, Any], reftypes: list[str], context: str) -> dict[str, str]:
+    """Like select_references, but a type the context does not define is simply N/A."""
+    try:
+        return select_references(params, reftypes, context)
+    except ReferenceFileError:
+        out: dict[str, str] = {}
+        for reftype in reftypes:
+            try:
+                out.update(select_references(params, [reftype], context))
+            except ReferenceFileError as exc:
+                if "not available in the local" in exc.problem:
+                    raise
+                out[reftype] = NOT_APPLICABLE
+        return out
+
+
+def _step_statuses(exposure: Exposure, steps: tuple[StepSpec, ...],
+                   params: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, str], dict[str, str]]:
+    status: dict[str, str] = {}
+    reasons: dict[str, str] = {}
+    for spec in steps:
+        if params[spec.name]["skip"]:
+            status[spec.name], reasons[spec.name] = SKIPPED, "skip=True"
+            continue
+        if spec.name in NOT_IMPLEMENTED:
+            raise StepNotImplementedError(f"step {spec.name} was requested (skip=False) but "
+                                          f"{NOT_IMPLEMENTED[spec.name]}; set steps.{spec.name}.skip=true")
+        status[spec.name] = COMPLETE
+    if status.get("group_scale") == COMPLETE and exposure.frmdivsr == exposure.nframes:
+        status["group_scale"], reasons["group_scale"] = SKIPPED, "FRMDIVSR equals NFRAMES"
+    if status.get("gain_scale") == COMPLETE and exposure.gainfact is None:
+        status["gain_scale"], reasons["gain_scale"] = SKIPPED, "no GAINFACT keyword"
+    return status, reasons
+
+
+def _select_step_references(exposure: Exposure, steps: tuple[StepSpec, ...], params: Mapping[str, Mapping[str, Any]],
+                            status: Mapping[str, str], params_crds: Mapping[str, Any], context: str) -> dict[str, str]:
+    """``{reftype: path | N/A}`` for the running steps; overrides win over CRDS."""
+    wanted: dict[str, str | None] = {}
+    for spec in steps:
+        if status.get(spec.name) != COMPLETE:
+            continue
+        for reftype in spec.reftypes:
+            override = params[spec.name].get(f"override_{reftype}")
+            if override is not None:
+                _check_override(reftype, str(override))
+                wanted[reftype] = str(override)
+            else:
+                wanted.setdefault(reftype, None)
+    from_crds = [r for r, v in wanted.items() if v is None]
+    selected = select_references(params_crds, from_crds, context) if from_crds else {}
+    return {r: (v if v is not None else selected[r]) for r, v in wanted.items()}
+
+
+def _check_override(reftype: str, value: str) -> None:
+    if value.upper() != NOT_APPLICABLE and not Path(value).is_file():
+        raise ReferenceFileError(reftype, "override file does not exist", value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Detector1Result:
+    """What a run wrote and measured."""
+
+    products: dict[str, Path]                       # product kind -> path
+    status: dict[str, str]
+    references: dict[str, str]
+    context: str
+    step_seconds: dict[str, float]
+    jump_count: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Chunk:
+    """A block of rows with halo: rows [y0, y1) of the frame; owned rows [own0, own1)."""
+
+    y0: int
+    y1: int
+    own0: int
+    own1: int
+    data: np.ndarray
+    gdq: np.ndarray
+    pdq: np.ndarray
+
+    @property
+    def owned(self) -> slice:
+        return slice(self.own0 - self.y0, self.own1 - self.y0)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = func(*args, **kwargs)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        return result
+
+
+def chunk_bounds(ny: int, chunk_rows: int, halo: int = HALO_ROWS) -> Iterator[tuple[int, int, int, int]]:
+    """(y0, y1, own0, own1) for successive chunks covering ``ny`` rows."""
+    for own0 in range(0, ny, chunk_rows):
+        own1 = min(ny, own0 + chunk_rows)
+        yield max(0, own0 - halo), min(ny, own1 + halo), own0, own1
+
+
+def run_detector1(source: RampSource, plan: Detector1Plan, output_dir: str | Path,
+                  chunk_rows: int = DEFAULT_CHUNK_ROWS, fsync: bool = True) -> Detector1Result:
+    """Run the planned steps on ``source`` and write the products into ``output_dir``."""
+    started = time.perf_counter()
+    timer = _Timer()
+    exp = plan.exposure
+    with ExitStack() as stack:
+        refs = _open_references(plan, exp, stack)
+        runner = _ChunkRunner(plan, refs, timer)
+        if plan.runs("refpix"):
+            runner.refpix_plan = timer.run("refpix", _measure_refpix, source, runner, chunk_rows)
+        result = runner.stream(source, chunk_rows)
+    products = _write_products(source, plan, refs_uris(plan), runner, result, output_dir, fsync, timer)
+    log.info("detector1 done", file=Path(source.path).name, seconds=round(time.perf_counter() - started, 3))
+    return Detector1Result(products, dict(plan.status), dict(plan.references), plan.context,
+                           timer.seconds, runner.jump_count, time.perf_counter() - started)
+
+
+def refs_uris(plan: Detector1Plan) -> dict[str, str]:
+    return {r: reference_uri(p) for r, p in plan.references.items()}
+
+
+def _open_references(plan: Detector1Plan, exp: Exposure, stack: ExitStack) -> dict[str, Reference]:
+    refs: dict[str, Reference] = {}
+    for reftype, path in plan.references.items():
+        if path == NOT_APPLICABLE:
+            continue
+        ref = Reference(reftype, path, exp) if reftype == "ipc" else open_reference(reftype, path, exp)
+        stack.callback(ref.close)
+        refs[reftype] = ref
+    return refs
+
+
+class _ChunkRunner:
+    """Applies the planned steps to row chunks and accumulates the full-frame outputs."""
+
+    def __init__(self, plan: Detector1Plan, refs: Mapping[str, Reference], timer: _Timer) -> None:
+        self.plan, self.refs, self.timer = plan, refs, timer
+        self.exp = plan.exposure
+        self.refpix_plan: Any = None
+        self.jump_count = 0
+        self.ramp_result: Any = None
+        self.ramp_arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.first_group_all_saturated = True
+        self._kernels = _load_kernels(plan)
+
+    # -- the chunk loop --------------------------------------------------------------------
+    def stream(self, source: RampSource, chunk_rows: int) -> Any:
+        nints, ngroups, ny, nx = source.shape
+        fit = self.plan.runs("ramp_fit")
+        keep_ramp = not fit or bool(self.plan.pipeline_params.get("save_calibrated_ramp"))
+        if fit:
+            self.ramp_result = self._kernels["ramp_fit"].RampFitResult.empty(nints, ny, nx)
+        if keep_ramp:
+            self.ramp_arrays = (np.empty((nints, ngroups, ny, nx), np.float32),
+                                np.empty((nints, ngroups, ny, nx), np.uint8), np.empty((ny, nx), np.uint32))
+        for y0, y1, own0, own1 in chunk_bounds(ny, chunk_rows):
+            data, gdq, pdq = self.timer.run("read", source.read, y0, y1)
+            chunk = _Chunk(y0, y1, own0, own1, data, gdq, pdq)
+            self.calibrate(chunk, stop_before=None)
+            own = chunk.owned
+            if keep_ramp:
+                sci, gdq_all, pdq_all = self.ramp_arrays  # type: ignore[misc]
+                sci[:, :, own0:own1] = chunk.data[:, :, own]
+                gdq_all[:, :, own0:own1] = chunk.gdq[:, :, own]
+                pdq_all[own0:own1] = chunk.pdq[own]
+            if fit:
+                self._fit(chunk)
+        if fit and self.first_group_all_saturated and ngroups > 0:
+            raise InputError(source.path, "every pixel is saturated in the first group: no rate can be computed")
+        return self.ramp_result
+
+    def calibrate(self, chunk: _Chunk, stop_before: str | None) -> None:
+        """Apply the planned steps, in jwst's order, up to (not including) ``stop_before``."""
+        for name, apply in self._sequence():
+            if name == stop_before:
+                return
+            if self.plan.runs(name):
+                self.timer.run(name, apply, chunk)
+
+    def _sequence(self) -> tuple[tuple[str, Callable[[_Chunk], None]], ...]:
+        return (("group_scale", self._group_scale), ("dq_init", self._dq_init),
+                ("saturation", self._saturation), ("ipc", self._ipc), ("superbias", self._superbias),
+                ("refpix", self._refpix), ("linearity", self._linearity), ("dark_current", self._dark),
+                ("charge_migration", self._charge_migration), ("jump", self._jump))
+
+    # -- steps -----------------------------------------------------------------------------
+    def _rows(self, reftype: str, extname: str, chunk: _Chunk, dtype: type = np.float32,
+              nplanes: int | None = None) -> np.ndarray:
+        return self.refs[reftype].rows(extname, chunk.y0, chunk.y1, dtype=dtype, nplanes=nplanes)
+
+    def _dq(self, reftype: str, chunk: _Chunk) -> np.ndarray:
+        dq = self.refs[reftype].dq_rows(chunk.y0, chunk.y1)
+        return np.bitwise_or.reduce(dq, axis=0) if dq.ndim == 3 else dq
+
+    def _group_scale(self, chunk: _Chunk) -> None:
+        self._kernels["corrections"].group_scale(chunk.data, self.exp.frmdivsr, self.exp.nframes)
+
+    def _dq_init(self, chunk: _Chunk) -> None:
+        self._kernels["corrections"].dq_init(chunk.pdq, chunk.gdq, self._dq("mask", chunk))
+
+    def _saturation(self, chunk: _Chunk) -> None:
+        p = self.plan.params["saturation"]
+        bias = self._rows("superbias", "SCI", chunk) if "superbias" in self.refs else None
+        self._kernels["corrections"].saturation(
+            chunk.data, chunk.gdq, chunk.pdq, self._rows("saturation", "SCI", chunk),
+            self._dq("saturation", chunk), bias=bias, n_pix_grow_sat=int(p["n_pix_grow_sat"]),
+            use_readpatt=bool(p["use_readpatt"]), nframes=self.exp.nframes)
+
+    def _ipc(self, chunk: _Chunk) -> None:
+        self._kernels["corrections"].ipc(chunk.data, self.refs["ipc"].whole("SCI"))
+
+    def _superbias(self, chunk: _Chunk) -> None:
+        self._kernels["corrections"].superbias(chunk.data, chunk.pdq, self._rows("superbias", "SCI", chunk),
+                                               self._dq("superbias", chunk))
+
+    def _refpix(self, chunk: _Chunk) -> None:
+        self._kernels["refpix"].apply_refpix(chunk.data, self.refpix_plan, chunk.y0)
+
+    def _linearity(self, chunk: _Chunk) -> None:
+        self._kernels["corrections"].linearity(chunk.data, chunk.gdq, chunk.pdq,
+                                               self._rows("linearity", "COEFFS", chunk),
+                                               self._dq("linearity", chunk))
+
+    def _dark(self, chunk: _Chunk) -> None:
+        ref = self.refs["dark"]
+        dark_nframes = int(ref.keyword("NFRAMES", 1))
+        dark_groupgap = int(ref.keyword("GROUPGAP", 0))
+        needed = _dark_planes_needed(self.exp, dark_nframes, dark_groupgap)
+        available = ref.layout("SCI").shape[0]
+        if needed > available:
+            raise ReferenceFileError("dark", f"has {available} planes; the readout {self.exp.readpatt} with "
+                                             f"{self.exp.ngroups} groups needs {needed}", ref.path)
+        self._kernels["corrections"].dark_current(
+            chunk.data, chunk.pdq, self._rows("dark", "SCI", chunk, nplanes=needed), self._dq("dark", chunk),
+            self.exp.nframes, self.exp.groupgap, dark_nframes, dark_groupgap)
+
+    def _charge_migration(self, chunk: _Chunk) -> None:
+        self._kernels["corrections"].charge_migration(
+            chunk.data, chunk.gdq, float(self.plan.params["charge_migration"]["signal_threshold"]))
+
+    def _jump(self, chunk: _Chunk) -> None:
+        jump = self._kernels["jump"]
+        stats = jump.detect_jumps(chunk.data, chunk.gdq, chunk.pdq, self._rows("readnoise", "SCI", chunk),
+                                  self._rows("gain", "SCI", chunk), self.exp.frame_time, self.exp.group_time,
+                                  self.exp.nframes, self._jump_params)
+        self.jump_count += _owned_jumps(stats, chunk)
+
+    def _fit(self, chunk: _Chunk) -> None:
+        rf = self._kernels["ramp_fit"]
+        own = chunk.owned
+        gdq = chunk.gdq[:, :, own]
+        self.first_group_all_saturated &= bool(np.all(gdq[:, 0] & np.uint8(dqflags.SATURATED)))
+        readnoise = self.refs["readnoise"].rows("SCI", chunk.own0, chunk.own1)
+        gain = self.refs["gain"].rows("SCI", chunk.own0, chunk.own1)
+        self.timer.run("ramp_fit", rf.fit_ramps, np.ascontiguousarray(chunk.data[:, :, own]),
+                       np.ascontiguousarray(gdq), chunk.pdq[own], readnoise, gain, self.exp.frame_time,
+                       self.exp.group_time, self.exp.nframes, self.exp.groupgap, self.exp.drpfrms1,
+                       self._ramp_params, out=self.ramp_result, row_offset=chunk.own0)
+
+    # -- parameters ------------------------------------------------------------------------
+    @property
+    def _jump_params(self) -> Any:
+        if not hasattr(self, "_jp"):
+            self._jp = self._kernels["jump"].JumpParameters.from_mapping(_step_only(self.plan.params["jump"]))
+        return self._jp
+
+    @property
+    def _ramp_params(self) -> Any:
+        if not hasattr(self, "_rp"):
+            self._rp = self._kernels["ramp_fit"].RampFitParameters.from_mapping(
+                _step_only(self.plan.params["ramp_fit"]))
+        return self._rp
+
+
+def _step_only(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A step's own parameters, without stpipe's common ones and overrides."""
+    return {k: v for k, v in params.items()
+            if k not in ("skip", "save_results", "suffix") and not k.startswith("override_")}
+
+
+def _owned_jumps(stats: Any, chunk: _Chunk) -> int:
+    """Newly flagged jump groups in the chunk's owned rows."""
+    own = chunk.owned
+    return int(np.count_nonzero(chunk.gdq[:, :, own] & np.uint8(dqflags.JUMP_DET)))
+
+
+def _dark_planes_needed(exp: Exposure, dark_nframes: int, dark_groupgap: int) -> int:
+    """Dark planes covering the science readout (frames if the dark has one frame per plane)."""
+    frames = exp.ngroups * (exp.nframes + exp.groupgap) - exp.groupgap
+    if dark_nframes == 1 and dark_groupgap == 0:
+        return frames
+    return exp.ngroups
+
+
+def _load_kernels(plan: Detector1Plan) -> dict[str, Any]:
+    """Import only the kernel modules this run uses (numba compilation is per module)."""
+    import importlib  # noqa: PLC0415
+
+    kernels: dict[str, Any] = {}
+    wanted = {"corrections": any(plan.runs(s) for s in ("group_scale", "dq_init", "saturation", "ipc",
+                                                         "superbias", "linearity", "dark_current",
+                                                         "charge_migration", "gain_scale")),
+              "refpix": plan.runs("refpix"), "jump": plan.runs("jump"), "ramp_fit": plan.runs("ramp_fit")}
+    for module, needed in wanted.items():
+        if needed:
+            kernels[module] = importlib.import_module(f"{__package__}.{module}")
+    return kernels
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference pixels: first pass
+# ---------------------------------------------------------------------------------------------
+
+def _measure_refpix(source: RampSource, runner: _ChunkRunner, chunk_rows: int) -> Any:
+    """Run the pre-refpix steps over the frame, keep only reference pixels, measure corrections."""
+    refpix = runner._kernels["refpix"]
+    exp = runner.exp
+    nints, ngroups, ny, nx = source.shape
+    sides = refpix.side_columns(exp, nx)
+    tb_rows = refpix.border_rows(exp, ny)
+    side_data = np.empty((nints, ngroups, ny, len(sides)), np.float32)
+    side_pdq = np.empty((ny, len(sides)), np.uint32)
+    tb_data = np.empty((nints, ngroups, len(tb_rows), nx), np.float32)
+    tb_pdq = np.empty((len(tb_rows), nx), np.uint32)
+    row_index = {row: i for i, row in enumerate(tb_rows)}
+    need_all_rows = len(sides) > 0
+    for y0, y1, own0, own1 in chunk_bounds(ny, chunk_rows):
+        wanted_tb = [r for r in tb_rows if own0 <= r < own1]
+        if not need_all_rows and not wanted_tb:
+            continue
+        data, gdq, pdq = source.read(y0, y1)
+        chunk = _Chunk(y0, y1, own0, own1, data, gdq, pdq)
+        runner.calibrate(chunk, stop_before="refpix")
+        own = chunk.owned
+        if need_all_rows:
+            side_data[:, :, own0:own1] = chunk.data[:, :, own][:, :, :, sides]
+            side_pdq[own0:own1] = chunk.pdq[own][:, sides]
+        for row in wanted_tb:
+            tb_data[:, :, row_index[row]] = chunk.data[:, :, row - y0]
+            tb_pdq[row_index[row]] = chunk.pdq[row - y0]
+    params = runner.plan.params["refpix"]
+    return refpix.measure_refpix(tb_data, tb_pdq, tb_rows, side_data, side_pdq, sides, exp, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Products
+# ---------------------------------------------------------------------------------------------
+
+def _write_products(source: RampSource, plan: Detector1Plan, uris: dict[str, str], runner: _ChunkRunner,
+                    result: Any, output_dir: str | Path, fsync: bool, timer: _Timer) -> dict[str, Path]:
+    exp = plan.exposure
+    spec_keywords = {s.name: s.keyword for s in plan.steps}
+    statuses = {spec_keywords[name]: status for name, status in plan.status.items()}
+    provenance = Provenance(plan.context, crds_version(), uris, statuses, _jump_keywords(plan, runner))
+    name = Path(source.path).name
+    products: dict[str, Path] = {}
+    if runner.ramp_arrays is not None:
+        sci, gdq, pdq = runner.ramp_arrays
+        suffix = "ramp" if plan.pipeline else plan.steps[0].name
+        products["ramp"] = timer.run("write", write_ramp, product_path(output_dir, name, suffix),
+                                     exp.header, provenance, sci, pdq, gdq, fsync=fsync)
+    if result is not None:
+        if plan.runs("gain_scale"):
+            timer.run("gain_scale", _gain_scale, runner, result, float(exp.gainfact or 1.0))
+        products["rate"] = timer.run("write", write_rate, product_path(output_dir, name, "rate"), exp.header,
+                                     provenance, result.rate, result.rate_dq, result.rate_var_poisson,
+                                     result.rate_var_rnoise, result.rate_err, fsync=fsync)
+        products["rateints"] = timer.run("write", write_rate, product_path(output_dir, name, "rateints"),
+                                         exp.header, provenance, result.ints_rate, result.ints_dq,
+                                         result.ints_var_poisson, result.ints_var_rnoise, result.ints_err,
+                                         fsync=fsync)
+    return products
+
+
+def _gain_scale(runner: _ChunkRunner, result: Any, factor: float) -> None:
+    scale = runner._kernels["corrections"].gain_scale
+    scale(result.rate, result.rate_err, result.rate_var_poisson, result.rate_var_rnoise, factor)
+    scale(result.ints_rate, result.ints_err, result.ints_var_poisson, result.ints_var_rnoise, factor)
+
+
+def _jump_keywords(plan: Detector1Plan, runner: _ChunkRunner) -> dict[str, object]:
+    """PRIMECRS: cosmic-ray hits per 1000 pixels per second (as jwst records it)."""
+    if not plan.runs("jump"):
+        return {}
+    exp = plan.exposure
+    pixels = exp.subsize1 * exp.subsize2
+    seconds = exp.nints * exp.group_time * max(exp.ngroups - 1, 1)
+    rate = 1000.0 * runner.jump_count / (pixels * seconds) if pixels and seconds else 0.0
+    return {"PRIMECRS": (round(rate, 6), "Primary cosmic rays per 1000 pixels per second"),
+            "EXTNCRS": (0.0, "Snowballs/showers per million pixels per second")}
+
+
+# ---------------------------------------------------------------------------------------------
+# One call for callers (CLI, daemon workers)
+# ---------------------------------------------------------------------------------------------
+
+def calibrate_file(input_path: str | Path, output_dir: str | Path, *, only_step: str | None = None,
+                   cli_steps: Mapping[str, Mapping[str, Any]] | None = None,
+                   cli_pipeline: Mapping[str, Any] | None = None, parameter_file: str | Path | None = None,
+                   context: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                   fsync: bool = True) -> Detector1Result:
+    """Open, plan, run and write: detector1 (or one of its steps) on one file."""
+    source = open_ramp_source(input_path)
+    try:
+        plan = plan_detector1(source.exposure, only_step=only_step, cli_steps=cli_steps,
+                              cli_pipeline=cli_pipeline, parameter_file=parameter_file, context=context)
+        for step, reason in plan.skip_reason.items():
+            log.debug("step skipped", step=step, reason=reason)
+        return run_detector1(source, plan, output_dir, chunk_rows=chunk_rows, fsync=fsync)
+    finally:
+        source.close()

@@ -1,0 +1,208 @@
+"""Low-level FITS access: row-chunk reads without holding whole arrays, atomic writes.
+
+Image extensions are read with ``os.pread`` straight from the file, a block of rows at a time, so
+reading a 4-D ramp costs memory for one row chunk only. Writes go to a temporary name in the
+destination folder and are renamed into place, so no reader ever sees a half-written product.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from astropy.io import fits
+
+from .errors import InputError
+
+_BITPIX_DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where an image extension's pixels live in its file and how to decode them."""
+
+    path: str
+    name: str
+    offset: int          # byte offset of the first pixel
+    shape: tuple[int, ...]  # numpy order, e.g. (nints, ngroups, ny, nx)
+    disk_dtype: np.dtype
+    bzero: float
+    bscale: float
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.disk_dtype.itemsize
+
+    @property
+    def native_dtype(self) -> np.dtype:
+        """The dtype the values decode to (uint16 for BITPIX=16/BZERO=32768, ...)."""
+        kind = self.disk_dtype.kind
+        if self.bscale == 1.0 and kind == "i" and self.bzero == 2 ** (8 * self.disk_dtype.itemsize - 1):
+            return np.dtype(f"u{self.disk_dtype.itemsize}")
+        if self.bscale == 1.0 and self.bzero == 0.0:
+            return self.disk_dtype.newbyteorder("=")
+        return np.dtype(np.float32 if self.disk_dtype.itemsize <= 4 else np.float64)
+
+
+def open_header(path: str | Path) -> fits.HDUList:
+    """Open a FITS file lazily (headers only), turning unreadable files into InputError."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise InputError(path, "file does not exist")
+    try:
+        hdul = fits.open(path, memmap=False, lazy_load_hdus=True)
+        hdul[0].header  # noqa: B018 - force the primary header to parse
+    except (OSError, ValueError, TypeError, IndexError) as exc:
+        raise InputError(path, f"not a readable FITS file ({exc})") from exc
+    return hdul
+
+
+def image_layout(hdul: fits.HDUList, name: str, path: str | Path) -> ImageLayout:
+    """The layout of image extension ``name``; InputError if absent or truncated."""
+    path = str(path)
+    try:
+        hdu = hdul[name]
+    except (KeyError, IndexError) as exc:
+        raise InputError(path, f"no {name} extension") from exc
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read the {name} extension header ({exc})") from exc
+    header = hdu.header
+    bitpix = int(header.get("BITPIX", 0))
+    if bitpix not in _BITPIX_DTYPES or header.get("XTENSION", "IMAGE").strip() not in ("IMAGE", ""):
+        raise InputError(path, f"{name} is not an image extension (BITPIX={bitpix})")
+    naxis = int(header.get("NAXIS", 0))
+    shape = tuple(int(header[f"NAXIS{i}"]) for i in range(naxis, 0, -1))
+    layout = ImageLayout(path, name, int(hdu.fileinfo()["datLoc"]), shape,
+                         np.dtype(_BITPIX_DTYPES[bitpix]), float(header.get("BZERO", 0.0)),
+                         float(header.get("BSCALE", 1.0)))
+    if os.path.getsize(path) < layout.offset + layout.nbytes:
+        raise InputError(path, f"file is truncated: {name} needs {layout.nbytes} bytes at offset "
+                               f"{layout.offset}, file has {os.path.getsize(path)}")
+    return layout
+
+
+class RowReader:
+    """Reads row blocks of an image extension of any dimensionality >= 2.
+
+    ``read(y0, y1)`` returns ``shape[:-2] + (y1 - y0, nx)`` decoded to ``dtype`` (default the
+    native dtype). Rows are the second-to-last axis.
+    """
+
+    def __init__(self, layout: ImageLayout) -> None:
+        self.layout = layout
+        self._fd = os.open(layout.path, os.O_RDONLY)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "RowReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def read(self, y0: int, y1: int, dtype: np.dtype | type | None = None,
+             out: np.ndarray | None = None, x0: int = 0, x1: int | None = None,
+             nplanes: int | None = None) -> np.ndarray:
+        """Rows [y0, y1) and columns [x0, x1) of the leading planes, decoded.
+
+        ``nplanes`` limits a 3-D image to its first planes (e.g. the dark frames a readout needs).
+        """
+        lay = self.layout
+        ny, nx = lay.shape[-2:]
+        if not 0 <= y0 <= y1 <= ny:
+            raise IndexError(f"rows [{y0}, {y1}) outside 0..{ny} of {lay.name} in {lay.path}")
+        x1 = nx if x1 is None else x1
+        lead = lay.shape[:-2]
+        if nplanes is not None:
+            if len(lead) != 1 or nplanes > lead[0]:
+                raise IndexError(f"{nplanes} planes requested from {lay.name} of shape {lay.shape}")
+            lead = (nplanes,)
+        planes = int(np.prod(lead, dtype=np.int64))
+        itemsize = lay.disk_dtype.itemsize
+        raw = np.empty((planes, y1 - y0, nx), dtype=lay.disk_dtype)
+        block = (y1 - y0) * nx * itemsize
+        view = raw.reshape(planes, -1).view(np.uint8)
+        for p in range(planes):
+            start = lay.offset + (p * ny + y0) * nx * itemsize
+            got = os.preadv(self._fd, [memoryview(view[p])], start) if block else 0
+            if got != block:
+                raise InputError(lay.path, f"short read in {lay.name} (file truncated?)")
+        raw = raw[:, :, x0:x1]
+        dtype = np.dtype(dtype) if dtype is not None else lay.native_dtype
+        if out is None:
+            out = np.empty(lead + (y1 - y0, x1 - x0), dtype=dtype)
+        target = out.reshape(raw.shape)
+        decode_into(raw, lay.bzero, lay.bscale, target)
+        return out
+
+
+def decode_into(raw: np.ndarray, bzero: float, bscale: float, out: np.ndarray) -> None:
+    """Apply FITS scaling (BSCALE, BZERO) to big-endian ``raw`` and store into ``out``."""
+    kind = raw.dtype.kind
+    if bscale == 1.0 and kind == "i" and bzero == 2 ** (8 * raw.dtype.itemsize - 1):
+        unsigned = raw.view(raw.dtype.str.replace("i", "u"))
+        np.bitwise_xor(unsigned, np.array(bzero, dtype=unsigned.dtype.newbyteorder("=")), out=unsigned)
+        out[...] = unsigned
+        np.bitwise_xor(unsigned, np.array(bzero, dtype=unsigned.dtype.newbyteorder("=")), out=unsigned)
+        return
+    if bscale == 1.0 and bzero == 0.0:
+        out[...] = raw
+        return
+    np.multiply(raw, bscale, out=out, casting="unsafe")
+    out += np.asarray(bzero, dtype=out.dtype)
+
+
+def read_image(hdul: fits.HDUList, name: str, path: str | Path, dtype: np.dtype | type | None = None) -> np.ndarray:
+    """A whole image extension, decoded (for small arrays and reference planes)."""
+    layout = image_layout(hdul, name, path)
+    with RowReader(layout) as reader:
+        return reader.read(0, layout.shape[-2], dtype=dtype)
+
+
+@contextmanager
+def atomic_output(path: str | Path, fsync: bool = True) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
+
+    On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        if fsync:
+            _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_hdulist(hdul: fits.HDUList, path: str | Path, fsync: bool = True) -> None:
+    """Write ``hdul`` to ``path`` atomically (temp file + rename)."""
+    with atomic_output(path, fsync=fsync) as tmp:
+        hdul.writeto(tmp, overwrite=True, output_verify="silentfix")

@@ -1,0 +1,261 @@
+"""Step parameters: jwst's names and defaults, merged from four sources.
+
+Lowest to highest precedence: the coded defaults, CRDS parameter references (``pars-<stepclass>``,
+then the pipeline's ``pars-detector1pipeline``), a user parameter file, the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .errors import ParameterError
+
+#: parameters every step accepts (stpipe's common spec, the parts that mean something here)
+COMMON_DEFAULTS: dict[str, Any] = {"skip": False, "save_results": False, "suffix": None}
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """A calwebb step: its jwst class, reference types, defaults and S_<STEP> keyword."""
+
+    name: str
+    class_name: str
+    keyword: str                     # the S_<STEP> primary-header keyword
+    reftypes: tuple[str, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    skip_by_default: bool = False
+
+    @property
+    def pars_reftype(self) -> str:
+        return "pars-" + self.class_name.lower()
+
+    def all_defaults(self) -> dict[str, Any]:
+        out = dict(COMMON_DEFAULTS)
+        out["skip"] = self.skip_by_default
+        out.update(self.defaults)
+        out.update({f"override_{r}": None for r in self.reftypes})
+        return out
+
+
+def _jump_defaults() -> dict[str, Any]:
+    from .jump import JumpParameters  # noqa: PLC0415 - keeps this module import-light
+
+    return _dataclass_defaults(JumpParameters)
+
+
+def _ramp_defaults() -> dict[str, Any]:
+    from .ramp_fit import RampFitParameters  # noqa: PLC0415
+
+    return _dataclass_defaults(RampFitParameters)
+
+
+def _dataclass_defaults(cls: type) -> dict[str, Any]:
+    import dataclasses  # noqa: PLC0415
+
+    return {f.name: f.default for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING}
+
+
+class _LazyDefaults(Mapping[str, Any]):
+    """Defaults owned by a kernel module, loaded the first time they are needed."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+        self._value: dict[str, Any] | None = None
+
+    def _get(self) -> dict[str, Any]:
+        if self._value is None:
+            self._value = self._loader()
+        return self._value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._get()[key]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+DETECTOR1_NIR: tuple[StepSpec, ...] = (
+    StepSpec("group_scale", "GroupScaleStep", "S_GRPSCL"),
+    StepSpec("dq_init", "DQInitStep", "S_DQINIT", ("mask",)),
+    StepSpec("saturation", "SaturationStep", "S_SATURA", ("saturation", "superbias"),
+             {"n_pix_grow_sat": 1, "use_readpatt": True}),
+    StepSpec("ipc", "IPCStep", "S_IPC", ("ipc",)),
+    StepSpec("superbias", "SuperBiasStep", "S_SUPERB", ("superbias",)),
+    StepSpec("refpix", "RefPixStep", "S_REFPIX", (),
+             {"odd_even_columns": True, "use_side_ref_pixels": True, "side_smoothing_length": 11,
+              "side_gain": 1.0, "odd_even_rows": True, "refpix_algorithm": "median"}),
+    StepSpec("linearity", "LinearityStep", "S_LINEAR", ("linearity",)),
+    StepSpec("dark_current", "DarkCurrentStep", "S_DARK", ("dark",),
+             {"dark_output": None, "average_dark_current": None}),
+    StepSpec("charge_migration", "ChargeMigrationStep", "S_CHGMIG", (),
+             {"signal_threshold": 25000.0}, skip_by_default=True),
+    StepSpec("jump", "JumpStep", "S_JUMP", ("gain", "readnoise"), _LazyDefaults(_jump_defaults)),
+    StepSpec("picture_frame", "PictureFrameStep", "S_PCTFRM", ("pictureframe",), skip_by_default=True),
+    StepSpec("clean_flicker_noise", "CleanFlickerNoiseStep", "S_CLNFNS", ("flat",), skip_by_default=True),
+    StepSpec("persistence", "PersistenceStep", "S_PERSIS", (), skip_by_default=True),
+    StepSpec("ramp_fit", "RampFitStep", "S_RAMP", ("readnoise", "gain"), _LazyDefaults(_ramp_defaults)),
+    StepSpec("gain_scale", "GainScaleStep", "S_GANSCL", ("gain",)),
+)
+
+#: steps calstream does not implement: running them (skip=False) is an error, never a silent no-op
+NOT_IMPLEMENTED: dict[str, str] = {
+    "picture_frame": "NIRSpec thermal picture-frame correction is not implemented in calstream",
+    "clean_flicker_noise": "1/f flicker-noise cleaning is not implemented in calstream",
+    "persistence": "persistence flagging is not implemented in calstream",
+}
+
+PIPELINE_CLASS = {"calwebb_detector1": "Detector1Pipeline"}
+PIPELINE_PARAMETERS = {"calwebb_detector1": {"save_calibrated_ramp": False}}
+
+
+def step_spec(name: str, pipeline: Iterable[StepSpec] = DETECTOR1_NIR) -> StepSpec:
+    for spec in pipeline:
+        if spec.name == name:
+            return spec
+    raise ParameterError(f"unknown step {name!r}; known: " + ", ".join(s.name for s in pipeline))
+
+
+def parse_value(text: str) -> Any:
+    """A command-line string as the value it spells: None, bool, int, float or str."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def coerce(step: str, key: str, value: Any, default: Any) -> Any:
+    """``value`` converted to the type of ``default`` (strings from the CLI or files)."""
+    if isinstance(value, str) and not isinstance(default, str):
+        value = parse_value(value)
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ParameterError(f"steps.{step}.{key} must be true/false, got {value!r}")
+    if isinstance(default, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return type(default)(value) if isinstance(default, float) or float(value).is_integer() else value
+    if isinstance(default, str):
+        return str(value)
+    return value
+
+
+def merge_layer(resolved: dict[str, dict[str, Any]], layer: Mapping[str, Mapping[str, Any]],
+                specs: Iterable[StepSpec], source: str) -> None:
+    """Overlay ``{step: {param: value}}`` onto ``resolved``, validating names and types."""
+    by_name = {s.name: s for s in specs}
+    for step, params in layer.items():
+        if step not in by_name:
+            raise ParameterError(f"{source}: unknown step {step!r}")
+        defaults = by_name[step].all_defaults()
+        for key, value in params.items():
+            if key not in defaults:
+                if key in _IGNORED_STPIPE_KEYS:
+                    continue
+                raise ParameterError(f"{source}: step {step!r} has no parameter {key!r}")
+            resolved[step][key] = coerce(step, key, value, defaults[key])
+
+
+#: stpipe bookkeeping keys that appear in parameter files and mean nothing to calstream
+_IGNORED_STPIPE_KEYS = frozenset({
+    "input_dir", "output_dir", "output_ext", "output_use_model", "output_use_index", "search_output_file",
+    "pre_hooks", "post_hooks", "save_results", "output_file", "class", "name", "maximum_cores",
+})
+
+
+def read_parameter_file(path: str | Path, pipeline_step_names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """A user or CRDS parameter file as ``{step: {param: value}}``.
+
+    ASDF files use jwst's layout (``parameters`` plus ``steps: [{name, parameters}]``; a single-step
+    file names its step class). TOML files use ``[steps.<name>]`` tables.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ParameterError(f"parameter file {path} does not exist")
+    names = set(pipeline_step_names)
+    if path.suffix.lower() == ".toml":
+        with open(path, "rb") as fh:
+            tree = tomllib.load(fh)
+        return {k: dict(v) for k, v in tree.get("steps", {}).items()}
+    import asdf  # noqa: PLC0415
+
+    try:
+        with asdf.open(path, lazy_load=False, memmap=False) as af:
+            tree = dict(af.tree)
+    except Exception as exc:  # asdf raises many types for a damaged file
+        raise ParameterError(f"parameter file {path} is not readable ASDF: {exc}") from exc
+    return _pars_tree_layer(tree, names, str(path))
+
+
+def _pars_tree_layer(tree: Mapping[str, Any], names: set[str], source: str) -> dict[str, dict[str, Any]]:
+    layer: dict[str, dict[str, Any]] = {}
+    for entry in tree.get("steps", []) or []:
+        name = str(entry.get("name", ""))
+        step = _step_name_for(name, names)
+        if step is None:
+            raise ParameterError(f"{source}: unknown step {name!r}")
+        layer[step] = dict(entry.get("parameters", {}) or {})
+    cls = str(tree.get("class", "")).rsplit(".", 1)[-1]
+    own = _step_name_for(cls, names)
+    if own is not None and tree.get("parameters"):
+        layer.setdefault(own, {}).update(tree["parameters"])
+    return layer
+
+
+def _step_name_for(name: str, names: set[str]) -> str | None:
+    if name in names:
+        return name
+    for spec in DETECTOR1_NIR:
+        if spec.class_name == name and spec.name in names:
+            return spec.name
+    return None
+
+
+def parse_cli_overrides(args: Iterable[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """``--steps.jump.rejection_threshold=5`` style arguments -> (step layer, pipeline-level params)."""
+    steps: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ParameterError(f"cannot parse argument {arg!r}: expected --steps.<step>.<param>=<value>")
+        key, value = arg[2:].split("=", 1)
+        parts = key.split(".")
+        if parts[0] == "steps" and len(parts) == 3:
+            steps.setdefault(parts[1], {})[parts[2]] = value
+        elif len(parts) == 1:
+            top[parts[0]] = value
+        else:
+            raise ParameterError(f"cannot parse argument {arg!r}")
+    return steps, top
+
+
+def crds_steppars_disabled() -> bool:
+    """stpipe's switch to ignore CRDS parameter references."""
+    return os.environ.get("STPIPE_DISABLE_CRDS_STEPPARS", "").strip().lower() in ("1", "true", "yes")
+
+
+def resolve(specs: Iterable[StepSpec], layers: Iterable[tuple[str, Mapping[str, Mapping[str, Any]]]]
+            ) -> dict[str, dict[str, Any]]:
+    """Defaults overlaid by each ``(source, layer)`` in order of increasing precedence."""
+    specs = tuple(specs)
+    resolved = {s.name: s.all_defaults() for s in specs}
+    for source, layer in layers:
+        merge_layer(resolved, layer, specs, source)
+    return resolved

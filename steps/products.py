@@ -1,0 +1,149 @@
+"""Writing JWST products (ramp, rate, rateints) as stdatamodels lays them out.
+
+Headers: the input's primary header, updated with DATAMODL, FILENAME, DATE, and provenance —
+CAL_VER, CAL_VCS, CRDS_VER, CRDS_CTX, R_<REFTYPE>, S_<STEP>. Arrays keep JWST dtypes: float32
+SCI/ERR/VAR_*, uint32 DQ/PIXELDQ, uint8 GROUPDQ.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from astropy.io import fits
+
+from .fitsio import write_hdulist
+
+_STRUCTURAL = ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS4",
+               "BZERO", "BSCALE", "CHECKSUM", "DATASUM")
+
+
+def software_version() -> str:
+    try:
+        return metadata.version("calstream")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def reference_keyword(reftype: str) -> str:
+    """The primary-header keyword recording a reference: R_MASK, R_SATURA, R_READNO, ..."""
+    return "R_" + reftype.upper().replace("PARS-", "P")[:6]
+
+
+@dataclass
+class Provenance:
+    """What produced a product: software, CRDS context, references used, step statuses."""
+
+    crds_context: str
+    crds_version: str
+    references: dict[str, str] = field(default_factory=dict)   # reftype -> crds://name | path | N/A
+    step_status: dict[str, str] = field(default_factory=dict)  # S_<STEP> keyword -> COMPLETE | SKIPPED
+    extra: dict[str, object] = field(default_factory=dict)     # e.g. PRIMECRS
+
+    def apply(self, header: fits.Header) -> None:
+        header["CAL_VER"] = (software_version(), "Calibration software version (calstream)")
+        header["CAL_VCS"] = ("RELEASE", "Calibration software repository version")
+        header["CRDS_VER"] = (self.crds_version, "Version of CRDS file selection software used")
+        header["CRDS_CTX"] = (self.crds_context, "CRDS context (.pmap) used to select ref files")
+        for reftype, value in sorted(self.references.items()):
+            header[reference_keyword(reftype)] = (value, f"{reftype} reference file used")
+        for keyword, status in self.step_status.items():
+            header[keyword] = status
+        for keyword, value in self.extra.items():
+            header[keyword] = value
+
+
+def primary_header(source: fits.Header, datamodel: str, filename: str, provenance: Provenance) -> fits.Header:
+    """A product primary header derived from the input's."""
+    header = fits.Header([card for card in source.cards if card.keyword not in _STRUCTURAL])
+    header["DATAMODL"] = datamodel
+    header["FILENAME"] = filename
+    header["DATE"] = (_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3],
+                      "UTC date file created")
+    header["ORIGIN"] = header.get("ORIGIN", "STSCI")
+    provenance.apply(header)
+    return header
+
+
+def _science_header(source: fits.Header, bunit: str | None) -> fits.Header:
+    header = fits.Header()
+    if bunit:
+        header["BUNIT"] = bunit
+    for src, dst in (("EXPSTART", "MJD-BEG"), ("EXPMID", "MJD-AVG"), ("EXPEND", "MJD-END"),
+                     ("EFFEXPTM", "XPOSURE"), ("DURATION", "TELAPSE")):
+        if src in source:
+            header[dst] = source[src]
+    return header
+
+
+def _image(name: str, array: np.ndarray, header: fits.Header | None = None) -> fits.ImageHDU:
+    hdu = fits.ImageHDU(array, header=header, name=name)
+    return hdu
+
+
+def product_path(output_dir: str | Path, input_name: str, suffix: str) -> Path:
+    """``jw..._nrca1_uncal.fits`` -> ``<output_dir>/jw..._nrca1_<suffix>.fits``."""
+    stem = Path(input_name).name
+    for ext in (".fits", ".fit"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+    base, _, last = stem.rpartition("_")
+    if base and last in KNOWN_SUFFIXES:
+        stem = base
+    return Path(output_dir) / f"{stem}_{suffix}.fits"
+
+
+KNOWN_SUFFIXES = frozenset({
+    "uncal", "ramp", "rate", "rateints", "trapsfilled", "cal", "calints", "i2d", "crf", "x1d",
+    "dqinit", "dq_init", "saturation", "superbias", "refpix", "linearity", "dark_current", "jump",
+    "ramp_fit", "group_scale", "ipc", "charge_migration", "gain_scale",
+})
+
+
+def write_rate(path: str | Path, source_header: fits.Header, provenance: Provenance, sci: np.ndarray,
+               dq: np.ndarray, var_poisson: np.ndarray, var_rnoise: np.ndarray, err: np.ndarray,
+               fsync: bool = True) -> Path:
+    """A rate (2-D: ImageModel) or rateints (3-D: CubeModel) product, SCI in DN/s."""
+    path = Path(path)
+    model = "ImageModel" if sci.ndim == 2 else "CubeModel"
+    science = _science_header(source_header, "DN/s")
+    hdul = fits.HDUList([
+        fits.PrimaryHDU(header=primary_header(source_header, model, path.name, provenance)),
+        _image("SCI", _f32(sci), science),
+        _image("ERR", _f32(err), _science_header(source_header, "DN/s")),
+        _image("DQ", dq.astype(np.uint32, copy=False)),
+        _image("VAR_POISSON", _f32(var_poisson), fits.Header([("BUNIT", "(DN/s)^2")])),
+        _image("VAR_RNOISE", _f32(var_rnoise), fits.Header([("BUNIT", "(DN/s)^2")])),
+    ])
+    write_hdulist(hdul, path, fsync=fsync)
+    return path
+
+
+def write_ramp(path: str | Path, source_header: fits.Header, provenance: Provenance, sci: np.ndarray,
+               pixeldq: np.ndarray, groupdq: np.ndarray, err: np.ndarray | None = None,
+               fsync: bool = True) -> Path:
+    """A ramp product (RampModel): SCI float32 (nints, ngroups, ny, nx) in DN."""
+    path = Path(path)
+    err = np.zeros(sci.shape, dtype=np.float32) if err is None else err
+    hdul = fits.HDUList([
+        fits.PrimaryHDU(header=primary_header(source_header, "RampModel", path.name, provenance)),
+        _image("SCI", _f32(sci), _science_header(source_header, "DN")),
+        _image("PIXELDQ", pixeldq.astype(np.uint32, copy=False)),
+        _image("GROUPDQ", groupdq.astype(np.uint8, copy=False)),
+        _image("ERR", _f32(err), fits.Header([("BUNIT", "DN")])),
+    ])
+    write_hdulist(hdul, path, fsync=fsync)
+    return path
+
+
+def _f32(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float32, copy=False)
+
+
+def step_status_keywords(statuses: Mapping[str, str], keywords: Mapping[str, str]) -> dict[str, str]:
+    """``{step: status}`` -> ``{S_<STEP>: status}`` using each step's keyword."""
+    return {keywords[name]: status for name, status in statuses.items() if name in keywords}
