@@ -1,0 +1,156 @@
+"""Unit tests of the foundation: DQ flags, row-chunk FITS I/O, exposure validation, parameters, products."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from calstream.steps import dqflags
+from calstream.steps.errors import InputError, ParameterError
+from calstream.steps.exposure import exposure_from_header
+from calstream.steps.fitsio import RowReader, atomic_output, image_layout, open_header
+from calstream.steps.parameters import DETECTOR1_NIR, parse_cli_overrides, resolve
+from calstream.steps.products import Provenance, product_path, reference_keyword, write_rate
+
+
+# -- DQ -----------------------------------------------------------------------------------------
+def test_interpret_flags_accepts_jwst_spellings() -> None:
+    assert dqflags.interpret_flags("4+8") == 12
+    assert dqflags.interpret_flags("JUMP_DET, DROPOUT") == 4 + 8
+    assert dqflags.interpret_flags(["do_not_use"]) == 1
+    assert dqflags.interpret_flags(None) == 0
+    with pytest.raises(dqflags.DQError):
+        dqflags.interpret_flags("NOT_A_FLAG")
+
+
+def test_reference_dq_translated_through_dq_def() -> None:
+    # the file uses bit 0 for HOT and bit 3 for DO_NOT_USE
+    dq_def = [{"BIT": 0, "VALUE": 1, "NAME": "HOT"}, {"BIT": 3, "VALUE": 8, "NAME": "DO_NOT_USE"},
+              {"BIT": 5, "VALUE": 32, "NAME": "SOMETHING_LOCAL"}]
+    dq = np.array([[1, 8, 9, 32]], dtype=np.uint32)
+    out = dqflags.translate_reference_dq(dq, dq_def)
+    assert out.tolist() == [[dqflags.HOT, dqflags.DO_NOT_USE, dqflags.HOT | dqflags.DO_NOT_USE, 0]]
+
+
+# -- FITS rows ------------------------------------------------------------------------------------
+def _write(path: Path, data: np.ndarray, header: fits.Header | None = None) -> None:
+    fits.HDUList([fits.PrimaryHDU(header=header), fits.ImageHDU(data, name="SCI")]).writeto(path)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.float32, np.uint32])
+def test_row_reader_matches_astropy(tmp_path: Path, dtype: type) -> None:
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 60000, size=(2, 3, 7, 5)).astype(dtype)
+    path = tmp_path / "x.fits"
+    _write(path, data)
+    with open_header(path) as hdul, RowReader(image_layout(hdul, "SCI", path)) as reader:
+        assert np.array_equal(reader.read(2, 6), data[:, :, 2:6])
+        assert reader.read(0, 7, dtype=np.float32).dtype == np.float32
+        assert np.array_equal(reader.read(1, 3, x0=1, x1=4), data[:, :, 1:3, 1:4])
+
+
+def test_truncated_file_is_an_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "t.fits"
+    _write(path, np.zeros((1, 2, 64, 64), np.uint16))
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) - 5000)
+    with pytest.raises(InputError, match="truncated"):
+        with open_header(path) as hdul:
+            image_layout(hdul, "SCI", path)
+
+
+def test_non_fits_file_is_an_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "junk_uncal.fits"
+    path.write_bytes(b"this is not FITS" * 100)
+    with pytest.raises(InputError, match="not a readable FITS"):
+        open_header(path)
+
+
+def test_atomic_output_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out.fits"
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as tmp:
+            Path(tmp).write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- exposure keywords ----------------------------------------------------------------------------
+def _header(**overrides: object) -> fits.Header:
+    cards = {"INSTRUME": "NIRCAM", "DETECTOR": "NRCA1", "EXP_TYPE": "NRC_IMAGE", "READPATT": "RAPID",
+             "NINTS": 1, "NGROUPS": 4, "NFRAMES": 1, "GROUPGAP": 0, "TFRAME": 10.7, "TGROUP": 10.7,
+             "DATE-OBS": "2023-01-01", "TIME-OBS": "00:00:00", "SUBARRAY": "SUB64P",
+             "SUBSTRT1": 1, "SUBSTRT2": 1, "SUBSIZE1": 64, "SUBSIZE2": 64}
+    cards.update(overrides)
+    return fits.Header([(k, v) for k, v in cards.items() if v is not None])
+
+
+def test_exposure_requires_keywords_and_shapes() -> None:
+    exp = exposure_from_header(_header(), "x", (1, 4, 64, 64))
+    assert (exp.ngroups, exp.subsize1, exp.frmdivsr) == (4, 64, 1)
+    with pytest.raises(InputError, match="TGROUP"):
+        exposure_from_header(_header(TGROUP=None), "x", (1, 4, 64, 64))
+    with pytest.raises(InputError, match="unknown instrument"):
+        exposure_from_header(_header(INSTRUME="WFC3"), "x", (1, 4, 64, 64))
+    with pytest.raises(InputError, match="4-D"):
+        exposure_from_header(_header(), "x", (4, 64, 64))
+    with pytest.raises(InputError, match="NGROUPS"):
+        exposure_from_header(_header(), "x", (1, 5, 64, 64))
+    with pytest.raises(InputError, match="SUBSIZE"):
+        exposure_from_header(_header(), "x", (1, 4, 64, 32))
+
+
+# -- parameters -----------------------------------------------------------------------------------
+def test_parameter_layers_in_precedence_order() -> None:
+    cli, top = parse_cli_overrides(["--steps.jump.rejection_threshold=7", "--steps.ipc.skip=true",
+                                    "--save_calibrated_ramp=true"])
+    assert top == {"save_calibrated_ramp": "true"}
+    crds_layer = {"jump": {"rejection_threshold": 5.0, "flag_4_neighbors": False}}
+    params = resolve(DETECTOR1_NIR, [("crds", crds_layer), ("cli", cli)])
+    assert params["jump"]["rejection_threshold"] == 7.0
+    assert params["jump"]["flag_4_neighbors"] is False
+    assert params["ipc"]["skip"] is True
+    assert params["persistence"]["skip"] is True   # jwst's code default
+    assert params["dark_current"]["override_dark"] is None
+
+
+def test_unknown_parameters_are_rejected() -> None:
+    with pytest.raises(ParameterError, match="no parameter"):
+        resolve(DETECTOR1_NIR, [("cli", {"jump": {"rejection_treshold": "5"}})])
+    with pytest.raises(ParameterError, match="unknown step"):
+        resolve(DETECTOR1_NIR, [("cli", {"jumpy": {"skip": "true"}})])
+    with pytest.raises(ParameterError, match="true/false"):
+        resolve(DETECTOR1_NIR, [("cli", {"ipc": {"skip": "maybe"}})])
+
+
+# -- products -------------------------------------------------------------------------------------
+def test_product_names_follow_jwst_conventions(tmp_path: Path) -> None:
+    name = "jw01234001001_02101_00001-seg002_nrca1_uncal.fits"
+    assert product_path(tmp_path, name, "rate").name == "jw01234001001_02101_00001-seg002_nrca1_rate.fits"
+    assert product_path(tmp_path, "x_nrca1_ramp.fits", "jump").name == "x_nrca1_jump.fits"
+    assert reference_keyword("saturation") == "R_SATURA"
+    assert reference_keyword("readnoise") == "R_READNO"
+
+
+def test_rate_product_opens_with_stdatamodels(tmp_path: Path) -> None:
+    datamodels = pytest.importorskip("stdatamodels.jwst.datamodels")
+    header = _header()
+    prov = Provenance("jwst_0001.pmap", "14.0.3", {"gain": "crds://g.fits"}, {"S_JUMP": "COMPLETE"})
+    arr = np.ones((64, 64), np.float32)
+    path = write_rate(tmp_path / "x_rate.fits", header, prov, arr, np.zeros((64, 64), np.uint32),
+                      arr, arr, arr, fsync=False)
+    with datamodels.open(path) as model:
+        assert type(model).__name__ == "ImageModel"
+        model.validate()
+        assert model.meta.ref_file.crds.context_used == "jwst_0001.pmap"
+        assert model.meta.cal_step.jump == "COMPLETE"
+        assert model.meta.ref_file.gain.name == "crds://g.fits"
+    cube = write_rate(tmp_path / "x_rateints.fits", header, prov, arr[None], np.zeros((1, 64, 64), np.uint32),
+                      arr[None], arr[None], arr[None], fsync=False)
+    with datamodels.open(cube) as model:
+        assert type(model).__name__ == "CubeModel"
+        model.validate()
