@@ -14,6 +14,10 @@ import structlog
 
 def configure(level: str = "INFO", json: bool | None = None) -> None:
     """Configure structlog and the stdlib root logger once per process."""
+    # astropy installs its own logger class for "astropy" on import; it must be imported before
+    # that logger is first touched here, or astropy's import fails.
+    import astropy  # noqa: F401, PLC0415
+
     json = (not sys.stderr.isatty()) if json is None else json
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,

@@ -25,8 +25,8 @@ from .crdsrefs import NOT_APPLICABLE, context_name, crds_version, reference_uri,
 from .errors import InputError, ParameterError, ReferenceFileError, StepNotImplementedError
 from .exposure import NEAR_IR, Exposure, crds_parameters, exposure_from_header
 from .fitsio import RowReader, image_layout, open_header
-from .parameters import (DETECTOR1_NIR, NOT_IMPLEMENTED, PIPELINE_CLASS, StepSpec,
-                         crds_steppars_disabled, read_parameter_file, resolve)
+from .parameters import (DETECTOR1_NIR, NOT_IMPLEMENTED, PIPELINE_CLASS, PIPELINE_KEY, StepSpec,
+                         crds_steppars_disabled, pipeline_parameters, read_parameter_file, resolve)
 from .products import Provenance, product_path, write_ramp, write_rate
 from .references import Reference, open_reference
 
@@ -159,17 +159,13 @@ def plan_detector1(exposure: Exposure, *, only_step: str | None = None,
         layers.append(("command line", cli_steps))
         sources.append("command line")
     params = resolve(steps, layers)
+    pipeline_layers = [(src, layer.get(PIPELINE_KEY, {})) for src, layer in layers]
+    pipeline_layers.append(("command line", dict(cli_pipeline or {})))
+    pipeline_params = pipeline_parameters("calwebb_detector1", pipeline_layers) if only_step is None else {}
     status, reasons = _step_statuses(exposure, steps, params)
     references = _select_step_references(exposure, steps, params, status, params_crds, ctx)
     if "ipc" in status and status["ipc"] == COMPLETE and references.get("ipc") == NOT_APPLICABLE:
         status["ipc"], reasons["ipc"] = SKIPPED, "CRDS gives N/A for the ipc reference"
-    pipeline_params = {"save_calibrated_ramp": False}
-    for key, value in (cli_pipeline or {}).items():
-        if key not in pipeline_params:
-            raise ParameterError(f"calwebb_detector1 has no parameter {key!r}")
-        from .parameters import coerce  # noqa: PLC0415
-
-        pipeline_params[key] = coerce("calwebb_detector1", key, value, pipeline_params[key])
     return Detector1Plan(exposure, steps, params, status, reasons, references, ctx,
                          "calwebb_detector1" if only_step is None else None, pipeline_params, sources)
 
@@ -408,7 +404,10 @@ class _ChunkRunner:
             use_readpatt=bool(p["use_readpatt"]), nframes=self.exp.nframes)
 
     def _ipc(self, chunk: _Chunk) -> None:
-        self._kernels["corrections"].ipc(chunk.data, self.refs["ipc"].whole("SCI"))
+        corrections = self._kernels["corrections"]
+        e = self.exp
+        nref = corrections.ipc_nref(e.substrt1, e.substrt2, e.subsize1, e.subsize2)
+        corrections.ipc(chunk.data, self.refs["ipc"].whole("SCI"), nref, row_start=chunk.y0, frame_ny=e.subsize2)
 
     def _superbias(self, chunk: _Chunk) -> None:
         self._kernels["corrections"].superbias(chunk.data, chunk.pdq, self._rows("superbias", "SCI", chunk),
@@ -426,14 +425,15 @@ class _ChunkRunner:
         ref = self.refs["dark"]
         dark_nframes = int(ref.keyword("NFRAMES", 1))
         dark_groupgap = int(ref.keyword("GROUPGAP", 0))
-        needed = _dark_planes_needed(self.exp, dark_nframes, dark_groupgap)
-        available = ref.layout("SCI").shape[0]
-        if needed > available:
-            raise ReferenceFileError("dark", f"has {available} planes; the readout {self.exp.readpatt} with "
-                                             f"{self.exp.ngroups} groups needs {needed}", ref.path)
-        self._kernels["corrections"].dark_current(
-            chunk.data, chunk.pdq, self._rows("dark", "SCI", chunk, nplanes=needed), self._dq("dark", chunk),
-            self.exp.nframes, self.exp.groupgap, dark_nframes, dark_groupgap)
+        nplanes = min(ref.layout("SCI").shape[0],
+                      _dark_planes_needed(self.exp, dark_nframes, dark_groupgap))
+        status = self._kernels["corrections"].dark_current(
+            chunk.data, chunk.pdq, self._rows("dark", "SCI", chunk, nplanes=nplanes), self._dq("dark", chunk),
+            nframes=self.exp.nframes, groupgap=self.exp.groupgap, dark_nframes=dark_nframes,
+            dark_groupgap=dark_groupgap)
+        if status != COMPLETE:
+            self.plan.status["dark_current"] = SKIPPED
+            self.plan.skip_reason["dark_current"] = "dark NFRAMES/GROUPGAP exceed the science readout's"
 
     def _charge_migration(self, chunk: _Chunk) -> None:
         self._kernels["corrections"].charge_migration(
@@ -486,11 +486,10 @@ def _owned_jumps(stats: Any, chunk: _Chunk) -> int:
 
 
 def _dark_planes_needed(exp: Exposure, dark_nframes: int, dark_groupgap: int) -> int:
-    """Dark planes covering the science readout (frames if the dark has one frame per plane)."""
-    frames = exp.ngroups * (exp.nframes + exp.groupgap) - exp.groupgap
-    if dark_nframes == 1 and dark_groupgap == 0:
-        return frames
-    return exp.ngroups
+    """Dark planes spanning the science readout's frames (a shorter dark is extrapolated)."""
+    science_frames = exp.ngroups * exp.nframes + (exp.ngroups - 1) * exp.groupgap
+    step = dark_nframes + dark_groupgap
+    return max(2, -(-(science_frames + dark_groupgap) // step))
 
 
 def _load_kernels(plan: Detector1Plan) -> dict[str, Any]:
@@ -513,34 +512,36 @@ def _load_kernels(plan: Detector1Plan) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 def _measure_refpix(source: RampSource, runner: _ChunkRunner, chunk_rows: int) -> Any:
-    """Run the pre-refpix steps over the frame, keep only reference pixels, measure corrections."""
+    """Run the pre-refpix steps over the frame, keep only the border pixels, measure corrections.
+
+    Only the 4-pixel border of the (sub)array is kept (every reference pixel lies in it).
+    """
     refpix = runner._kernels["refpix"]
     exp = runner.exp
     nints, ngroups, ny, nx = source.shape
-    sides = refpix.side_columns(exp, nx)
-    tb_rows = refpix.border_rows(exp, ny)
-    side_data = np.empty((nints, ngroups, ny, len(sides)), np.float32)
-    side_pdq = np.empty((ny, len(sides)), np.uint32)
-    tb_data = np.empty((nints, ngroups, len(tb_rows), nx), np.float32)
-    tb_pdq = np.empty((len(tb_rows), nx), np.uint32)
-    row_index = {row: i for i, row in enumerate(tb_rows)}
-    need_all_rows = len(sides) > 0
+    border = refpix.RefBorder.empty((nints, ngroups), ny, nx, np.float32)
+    dq_border = refpix.RefBorder.empty((), ny, nx, np.uint32)
     for y0, y1, own0, own1 in chunk_bounds(ny, chunk_rows):
-        wanted_tb = [r for r in tb_rows if own0 <= r < own1]
-        if not need_all_rows and not wanted_tb:
-            continue
         data, gdq, pdq = source.read(y0, y1)
         chunk = _Chunk(y0, y1, own0, own1, data, gdq, pdq)
         runner.calibrate(chunk, stop_before="refpix")
         own = chunk.owned
-        if need_all_rows:
-            side_data[:, :, own0:own1] = chunk.data[:, :, own][:, :, :, sides]
-            side_pdq[own0:own1] = chunk.pdq[own][:, sides]
-        for row in wanted_tb:
-            tb_data[:, :, row_index[row]] = chunk.data[:, :, row - y0]
-            tb_pdq[row_index[row]] = chunk.pdq[row - y0]
+        border.fill(chunk.data[:, :, own], own0)
+        dq_border.fill(chunk.pdq[own], own0)
     params = runner.plan.params["refpix"]
-    return refpix.measure_refpix(tb_data, tb_pdq, tb_rows, side_data, side_pdq, sides, exp, params)
+    geometry = refpix.RefpixGeometry(exp.substrt1, exp.substrt2, exp.subsize1, exp.subsize2, exp.fastaxis,
+                                     exp.slowaxis, exp.noutputs, exp.subarray)
+    if params["refpix_algorithm"] != "median":
+        raise StepNotImplementedError(f"refpix_algorithm={params['refpix_algorithm']!r} is not implemented; "
+                                      "only 'median' (jwst's default) is")
+    plan = refpix.measure_refpix(border, dq_border, geometry, odd_even_columns=bool(params["odd_even_columns"]),
+                                 use_side_ref_pixels=bool(params["use_side_ref_pixels"]),
+                                 side_smoothing_length=int(params["side_smoothing_length"]),
+                                 side_gain=float(params["side_gain"]))
+    if plan.status != COMPLETE:
+        runner.plan.status["refpix"] = SKIPPED
+        runner.plan.skip_reason["refpix"] = "subarray outside the detector"
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------

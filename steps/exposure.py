@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -144,17 +147,22 @@ def _check_int(header: fits.Header, key: str, actual: int, path: str, allow_segm
 
 
 def crds_parameters(header: fits.Header) -> dict[str, Any]:
-    """The CRDS selection parameters of an exposure: scalar primary-header keywords.
+    """The CRDS selection parameters of an exposure: ``{"META.INSTRUMENT.NAME": "NIRCAM", ...}``.
 
-    crds maps FITS keywords to META.* names through the JWST datamodel schema, as
-    ``crds.data_file.get_header`` does for a file on disk.
+    What jwst's ``model.get_crds_parameters()`` gives, from the primary-header keywords that the
+    JWST datamodel schemas map to metadata paths (``data/fits_to_meta.json``, generated from
+    stdatamodels; a test checks it). Passing META.* names spares crds its own, slow, schema walk.
     """
+    table = _fits_to_meta()
     params: dict[str, Any] = {}
     for card in header.cards:
-        key = card.keyword
-        if not key or key in ("COMMENT", "HISTORY", "") or key.startswith("NAXIS"):
-            continue
-        value = card.value
-        if isinstance(value, (str, int, float, bool)):
-            params[key] = value
+        meta = table.get(card.keyword)
+        if meta is not None and isinstance(card.value, (str, int, float, bool)):
+            params[meta] = card.value
     return params
+
+
+@functools.cache
+def _fits_to_meta() -> dict[str, str]:
+    with resources.files(__package__).joinpath("data/fits_to_meta.json").open() as fh:
+        return dict(json.load(fh))

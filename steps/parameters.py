@@ -113,6 +113,8 @@ NOT_IMPLEMENTED: dict[str, str] = {
 }
 
 PIPELINE_CLASS = {"calwebb_detector1": "Detector1Pipeline"}
+#: key of a parameter layer that holds pipeline-level (not step) parameters
+PIPELINE_KEY = "_pipeline"
 PIPELINE_PARAMETERS = {"calwebb_detector1": {"save_calibrated_ramp": False}}
 
 
@@ -162,6 +164,8 @@ def merge_layer(resolved: dict[str, dict[str, Any]], layer: Mapping[str, Mapping
     """Overlay ``{step: {param: value}}`` onto ``resolved``, validating names and types."""
     by_name = {s.name: s for s in specs}
     for step, params in layer.items():
+        if step == PIPELINE_KEY:
+            continue
         if step not in by_name:
             raise ParameterError(f"{source}: unknown step {step!r}")
         defaults = by_name[step].all_defaults()
@@ -194,14 +198,70 @@ def read_parameter_file(path: str | Path, pipeline_step_names: Iterable[str]) ->
         with open(path, "rb") as fh:
             tree = tomllib.load(fh)
         return {k: dict(v) for k, v in tree.get("steps", {}).items()}
+    tree = read_asdf_tree(path)
+    return _pars_tree_layer(tree, names, str(path))
+
+
+def read_asdf_tree(path: str | Path) -> dict[str, Any]:
+    """The YAML tree of a parameter ASDF file, tags dropped.
+
+    Parameter files are pure YAML (no binary blocks), so they are parsed directly: opening them
+    with ``asdf`` would first load every installed ASDF extension, seconds of start-up for a
+    handful of numbers. Files with binary blocks fall back to ``asdf.open``.
+    """
+    import yaml  # noqa: PLC0415
+
+    raw = Path(path).read_bytes()
+    head, sep, tail = raw.partition(b"\n...\n")
+    if sep and tail.strip():
+        return _asdf_tree(path)
+    try:
+        tree = yaml.load(head.decode("utf-8"), Loader=_TaglessLoader)  # noqa: S506 - safe loader subclass
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ParameterError(f"parameter file {path} is not readable ASDF/YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ParameterError(f"parameter file {path} does not hold a mapping")
+    return tree
+
+
+def _asdf_tree(path: str | Path) -> dict[str, Any]:
     import asdf  # noqa: PLC0415
 
     try:
         with asdf.open(path, lazy_load=False, memmap=False) as af:
-            tree = dict(af.tree)
+            return dict(af.tree)
     except Exception as exc:  # asdf raises many types for a damaged file
         raise ParameterError(f"parameter file {path} is not readable ASDF: {exc}") from exc
-    return _pars_tree_layer(tree, names, str(path))
+
+
+def _tagless_loader() -> type:
+    import yaml  # noqa: PLC0415
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that reads any tagged node as the plain mapping/sequence/scalar it is."""
+
+    def untagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            return loader.construct_mapping(node, deep=True)
+        if isinstance(node, yaml.SequenceNode):
+            return loader.construct_sequence(node, deep=True)
+        return loader.construct_scalar(node)
+
+    for prefix in ("!", "tag:"):
+        Loader.add_multi_constructor(prefix, untagged)
+    return Loader
+
+
+class _LoaderProxy:
+    _cls: type | None = None
+
+    def __call__(self, stream: Any) -> Any:
+        if _LoaderProxy._cls is None:
+            _LoaderProxy._cls = _tagless_loader()
+        return _LoaderProxy._cls(stream)
+
+
+_TaglessLoader = _LoaderProxy()
 
 
 def _pars_tree_layer(tree: Mapping[str, Any], names: set[str], source: str) -> dict[str, dict[str, Any]]:
@@ -216,6 +276,8 @@ def _pars_tree_layer(tree: Mapping[str, Any], names: set[str], source: str) -> d
     own = _step_name_for(cls, names)
     if own is not None and tree.get("parameters"):
         layer.setdefault(own, {}).update(tree["parameters"])
+    elif cls in PIPELINE_CLASS.values() and tree.get("parameters"):
+        layer[PIPELINE_KEY] = dict(tree["parameters"])
     return layer
 
 
@@ -226,6 +288,19 @@ def _step_name_for(name: str, names: set[str]) -> str | None:
         if spec.class_name == name and spec.name in names:
             return spec.name
     return None
+
+
+def pipeline_parameters(pipeline: str, layers: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Pipeline-level parameters (``save_calibrated_ramp``, ...) from defaults and layers."""
+    resolved = dict(PIPELINE_PARAMETERS[pipeline])
+    for source, layer in layers:
+        for key, value in layer.items():
+            if key in _IGNORED_STPIPE_KEYS:
+                continue
+            if key not in resolved:
+                raise ParameterError(f"{source}: {pipeline} has no parameter {key!r}")
+            resolved[key] = coerce(pipeline, key, value, PIPELINE_PARAMETERS[pipeline][key])
+    return resolved
 
 
 def parse_cli_overrides(args: Iterable[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
