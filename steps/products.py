@@ -50,7 +50,9 @@ class Provenance:
         header["CRDS_VER"] = (self.crds_version, "Version of CRDS file selection software used")
         header["CRDS_CTX"] = (self.crds_context, "CRDS context (.pmap) used to select ref files")
         for reftype, value in sorted(self.references.items()):
-            header[reference_keyword(reftype)] = (value, f"{reftype} reference file used")
+            comment = f"{reftype} reference file used"
+            fits_comment = len(value) + len(comment) < 60
+            header[reference_keyword(reftype)] = (value, comment) if fits_comment else value
         for keyword, status in self.step_status.items():
             header[keyword] = status
         for keyword, value in self.extra.items():
