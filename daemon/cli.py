@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk-rows", type=int, default=256, help="rows processed at a time")
     run.set_defaults(handler=_cmd_run)
 
+    demo = sub.add_parser("demo", help="generate a small observation and calibrate it (the README's main job)")
+    demo.add_argument("--workdir", default="demo-output")
+    demo.add_argument("--subarray", default="SUB640")
+    demo.set_defaults(handler=_cmd_demo)
+
     synth = sub.add_parser("synth", help="generate synthetic NIRCam exposures, references and a CRDS cache")
     synth.add_argument("--out", required=True, help="folder for the uncal files")
     synth.add_argument("--detector", action="append", dest="detectors", help="e.g. NRCA1 (repeatable)")
@@ -132,11 +137,20 @@ def _cmd_synth(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _jsonable(info: Any) -> Any:
-    if hasattr(info, "__dataclass_fields__"):
-        import dataclasses  # noqa: PLC0415
+    return {"uncal": [str(p) for p in info.uncal_paths], "crds_root": str(info.crds_root),
+            "contexts": info.contexts, "operational_context": info.operational_context}
 
-        return {k: v for k, v in dataclasses.asdict(info).items() if k != "truth"}
-    return info
+
+def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        return _fail(f"unknown arguments: {extra}", EXIT_USAGE)
+    from .demo import print_rows, run_demo  # noqa: PLC0415
+
+    started = time.perf_counter()
+    rows = run_demo(args.workdir, subarray=args.subarray)
+    print_rows(rows)
+    print(f"\nproducts in {Path(args.workdir).resolve() / 'products'}; total {time.perf_counter() - started:.1f} s")
+    return EXIT_OK
 
 
 if __name__ == "__main__":
