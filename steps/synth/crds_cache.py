@@ -1,0 +1,496 @@
+"""A local, serverless CRDS cache with real JWST mappings for the synthetic references.
+
+Layout (see docs/crds-offline.md): ``config/jwst/server_config``, ``mappings/jwst/*.pmap
+*.imap *.rmap`` and ``references/jwst/<instrument>/``.  Mappings are written in crds' own
+text format with correct ``sha1sum`` headers, so the real ``crds`` library loads and
+selects from them.
+
+Rules are declarative: a context is a list of :class:`RuleRow` ``(reftype, match tuple,
+useafter, filename)``; :func:`write_contexts` turns a series of such lists into versioned
+pmaps/imaps/rmaps (an rmap or imap only gets a new version when its content changes, as
+in real CRDS).  Stage-2 reference types are added by appending rows (and, for a new
+reftype, a :class:`RefTypeSpec`).
+
+:func:`build_crds_cache` creates the synthetic NIRCam cache used by calstream's tests:
+``jwst_0001.pmap`` and ``jwst_0002.pmap`` where 0002 adds a new gain file for one
+detector for observations after a date (``detector.GAIN_CHANGE``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from .detector import (DETECTORS, GAIN_CHANGE, DetectorParams, GainChange, ReadPattern,
+                       pixel_maps, subarray_for)
+from .references import (PARS_REFERENCES, RefRecipe, existing_recipe_key, pars_name,
+                         reference_name, write_pars, write_reference)
+
+OBSERVATORY = "jwst"
+INSTRUMENT_DIRS = ("fgs", "miri", "nircam", "niriss", "nirspec", "system")
+DATE_PARKEYS = ("META.OBSERVATION.DATE", "META.OBSERVATION.TIME")
+DET = "META.INSTRUMENT.DETECTOR"
+SUB = "META.SUBARRAY.NAME"
+TSO = "META.VISIT.TSOVISIT"
+MANIFEST = "calstream_synth.json"
+USEAFTER = "2022-01-01 00:00:00"
+PARS_USEAFTER = "1900-01-01 00:00:00"
+
+
+# --------------------------------------------------------------------------------------
+# Declarative rules
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RuleRow:
+    """One rmap selection: ``match`` values (one per match parkey), a UseAfter date
+    ('YYYY-MM-DD HH:MM:SS') and the reference basename."""
+
+    reftype: str
+    match: tuple[str, ...]
+    useafter: str
+    filename: str
+    instrument: str = "nircam"
+
+
+@dataclass(frozen=True)
+class RefTypeSpec:
+    """How a reference type is selected: its Match parkeys (the UseAfter parkeys are
+    always META.OBSERVATION.DATE/TIME) and the file extension."""
+
+    parkeys: tuple[str, ...]
+    file_ext: str = ".fits"
+    text_descr: str = ""
+
+
+#: (instrument, reftype) specs; extend for new types (e.g. stage-2 distortion/flat/photom).
+REFTYPE_SPECS: dict[tuple[str, str], RefTypeSpec] = {
+    ("nircam", "mask"): RefTypeSpec((DET, SUB), ".fits", "Bad Pixel Mask"),
+    ("nircam", "saturation"): RefTypeSpec((DET, SUB), ".fits", "Saturation"),
+    ("nircam", "superbias"): RefTypeSpec((DET, SUB), ".fits", "Super Bias"),
+    ("nircam", "linearity"): RefTypeSpec((DET, SUB), ".fits",
+                                         "Detector Linearity Correction Coefficients"),
+    ("nircam", "dark"): RefTypeSpec((DET, SUB), ".fits", "Dark reference"),
+    ("nircam", "gain"): RefTypeSpec((DET, SUB), ".fits", "Gain"),
+    ("nircam", "readnoise"): RefTypeSpec((DET, SUB), ".fits", "Read Noise"),
+    ("nircam", "pars-detector1pipeline"): RefTypeSpec(
+        (TSO,), ".asdf", "Step parameters for Detector1Pipeline"),
+    ("nircam", "pars-jumpstep"): RefTypeSpec((), ".asdf", "JumpStep runtime parameters"),
+}
+
+#: Reference types Detector1Pipeline asks CRDS for on a NIRCam image that the synthetic
+#: cache declares N/A (jwst then skips the step / uses step defaults).
+DETECTOR1_NA_TYPES: tuple[str, ...] = (
+    "ipc", "refpix", "sirskernel", "persat", "trapdensity", "trappars", "pictureframe",
+    "flat", "pastasoss", "rscd", "reset", "emicorr",
+    "pars-groupscalestep", "pars-dqinitstep", "pars-emicorrstep", "pars-saturationstep",
+    "pars-ipcstep", "pars-superbiasstep", "pars-refpixstep", "pars-rscdstep",
+    "pars-firstframestep", "pars-lastframestep", "pars-linearitystep",
+    "pars-darkcurrentstep", "pars-resetstep", "pars-persistencestep",
+    "pars-chargemigrationstep", "pars-pictureframestep", "pars-cleanflickernoisestep",
+    "pars-rampfitstep", "pars-gainscalestep",
+)
+
+
+# --------------------------------------------------------------------------------------
+# Mapping text
+# --------------------------------------------------------------------------------------
+
+def mapping_checksum(text: str) -> str:
+    """crds' mapping checksum: sha1 of the UTF-8 text without lines containing 'sha1sum'."""
+    kept = "".join(line for line in text.splitlines(True) if "sha1sum" not in line)
+    return hashlib.sha1(kept.encode("utf-8")).hexdigest()
+
+
+def _with_checksum(text: str) -> str:
+    return text.replace("'sha1sum' : '@@SHA1@@'", f"'sha1sum' : '{mapping_checksum(text)}'")
+
+
+def _header(items: Mapping[str, object]) -> str:
+    lines = ["header = {"]
+    for key in sorted(items):
+        lines.append(f"    {key!r} : {items[key]!r},")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_key(match: tuple[str, ...]) -> str:
+    if len(match) == 1:
+        return f"({match[0]!r},)"
+    return "(" + ", ".join(repr(m) for m in match) + ")"
+
+
+def format_rmap(name: str, instrument: str, reftype: str, spec: RefTypeSpec,
+                rows: Sequence[RuleRow], derived_from: str = "calstream synthetic") -> str:
+    """Text of a Match/UseAfter rmap with a valid sha1sum."""
+    groups: OrderedDict[tuple[str, ...], dict[str, str]] = OrderedDict()
+    for row in sorted(rows, key=lambda r: (r.match, r.useafter)):
+        if len(row.match) != len(spec.parkeys):
+            raise ValueError(f"{reftype}: match {row.match} does not fit parkeys {spec.parkeys}")
+        groups.setdefault(tuple(row.match), {})[row.useafter] = row.filename
+    header = {
+        "classes": ("Match", "UseAfter"),
+        "derived_from": derived_from,
+        "file_ext": spec.file_ext,
+        "filekind": reftype.upper(),
+        "filetype": reftype.upper(),
+        "instrument": instrument.upper(),
+        "mapping": "REFERENCE",
+        "name": name,
+        "observatory": "JWST",
+        "parkey": (tuple(spec.parkeys), DATE_PARKEYS),
+        "sha1sum": "@@SHA1@@",
+        "suffix": reftype,
+        "text_descr": spec.text_descr or reftype,
+    }
+    lines = [_header(header), "selector = Match({"]
+    for match, useafters in groups.items():
+        lines.append(f"    {_fmt_key(match)} : UseAfter({{")
+        for date in sorted(useafters):
+            lines.append(f"        {date!r} : {useafters[date]!r},")
+        lines.append("    }),")
+    lines.append("})")
+    return _with_checksum("\n".join(lines) + "\n")
+
+
+def format_imap(name: str, instrument: str, selections: Mapping[str, str],
+                derived_from: str = "calstream synthetic") -> str:
+    """Text of an instrument context: reftype -> rmap name or 'N/A'."""
+    header = {
+        "derived_from": derived_from,
+        "file_ext": ".fits",
+        "instrument": instrument.upper(),
+        "mapping": "INSTRUMENT",
+        "name": name,
+        "observatory": "JWST",
+        "parkey": ("REFTYPE",),
+        "sha1sum": "@@SHA1@@",
+    }
+    lines = [_header(header), "selector = {"]
+    for reftype in sorted(selections):
+        lines.append(f"    {reftype.upper()!r} : {selections[reftype]!r},")
+    lines.append("}")
+    return _with_checksum("\n".join(lines) + "\n")
+
+
+def format_pmap(name: str, selections: Mapping[str, str],
+                derived_from: str = "calstream synthetic") -> str:
+    """Text of a pipeline context: instrument -> imap name."""
+    header = {
+        "derived_from": derived_from,
+        "mapping": "PIPELINE",
+        "name": name,
+        "observatory": "JWST",
+        "parkey": ("META.INSTRUMENT.NAME",),
+        "sha1sum": "@@SHA1@@",
+    }
+    lines = [_header(header), "selector = {"]
+    for instrument in sorted(selections):
+        lines.append(f"    {instrument.upper()!r} : {selections[instrument]!r},")
+    lines.append("}")
+    return _with_checksum("\n".join(lines) + "\n")
+
+
+def _body(text: str) -> str:
+    """Mapping text without the lines that legitimately differ between versions."""
+    return "".join(line for line in text.splitlines(True)
+                   if not any(k in line for k in ("'name'", "sha1sum", "'derived_from'")))
+
+
+def _write_text(path: Path, text: str) -> None:
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_contexts(root: str | os.PathLike, contexts: Sequence[Sequence[RuleRow]],
+                   na_types: Mapping[str, Iterable[str]] | None = None,
+                   specs: Mapping[tuple[str, str], RefTypeSpec] | None = None) -> list[str]:
+    """Write pmaps ``jwst_0001.pmap`` .. for a series of rule lists; return their names.
+
+    Context ``i`` selects from ``contexts[i]``; reftypes in ``na_types[instrument]`` without
+    rows map to 'N/A'.  An rmap/imap keeps its previous version number when unchanged.
+    """
+    mapdir = Path(root) / "mappings" / OBSERVATORY
+    mapdir.mkdir(parents=True, exist_ok=True)
+    specs = {**REFTYPE_SPECS, **(specs or {})}
+    na_types = {k.lower(): tuple(v) for k, v in (na_types or {}).items()}
+    last_rmap: dict[tuple[str, str], tuple[str, str]] = {}   # -> (name, body)
+    last_imap: dict[str, tuple[str, str]] = {}
+    pmaps = []
+    prev_pmap = "calstream synthetic"
+    for number, rules in enumerate(contexts, start=1):
+        by_type: dict[tuple[str, str], list[RuleRow]] = {}
+        for row in rules:
+            by_type.setdefault((row.instrument.lower(), row.reftype.lower()), []).append(row)
+        instruments = sorted({i for i, _ in by_type} | set(na_types))
+        imap_names = {}
+        for instr in instruments:
+            selections: dict[str, str] = {rt: "N/A" for rt in na_types.get(instr, ())}
+            for (i, reftype), rows in sorted(by_type.items()):
+                if i != instr:
+                    continue
+                spec = specs[(i, reftype)]
+                prev = last_rmap.get((i, reftype))
+                version = 1 if prev is None else int(prev[0].rsplit("_", 1)[1][:4])
+                name = f"jwst_{i}_{reftype}_{version:04d}.rmap"
+                text = format_rmap(name, i, reftype, spec, rows)
+                if prev is not None and _body(text) != prev[1]:
+                    derived = prev[0]
+                    name = f"jwst_{i}_{reftype}_{version + 1:04d}.rmap"
+                    text = format_rmap(name, i, reftype, spec, rows, derived_from=derived)
+                elif prev is not None:
+                    name = prev[0]
+                    text = (mapdir / name).read_text()
+                _write_text(mapdir / name, text)
+                last_rmap[(i, reftype)] = (name, _body(text))
+                selections[reftype] = name
+            prev = last_imap.get(instr)
+            version = 1 if prev is None else int(prev[0].rsplit("_", 1)[1][:4])
+            name = f"jwst_{instr}_{version:04d}.imap"
+            text = format_imap(name, instr, selections)
+            if prev is not None and _body(text) != prev[1]:
+                name = f"jwst_{instr}_{version + 1:04d}.imap"
+                text = format_imap(name, instr, selections, derived_from=prev[0])
+            elif prev is not None:
+                name = prev[0]
+                text = (mapdir / name).read_text()
+            _write_text(mapdir / name, text)
+            last_imap[instr] = (name, _body(text))
+            imap_names[instr] = name
+        pmap = f"jwst_{number:04d}.pmap"
+        _write_text(mapdir / pmap, format_pmap(pmap, imap_names, derived_from=prev_pmap))
+        prev_pmap = pmap
+        pmaps.append(pmap)
+    return pmaps
+
+
+# --------------------------------------------------------------------------------------
+# Cache layout and server_config
+# --------------------------------------------------------------------------------------
+
+def ensure_layout(root: str | os.PathLike) -> Path:
+    """Create the directory tree of a CRDS cache (all instrument reference dirs)."""
+    root = Path(root)
+    (root / "config" / OBSERVATORY).mkdir(parents=True, exist_ok=True)
+    (root / "mappings" / OBSERVATORY).mkdir(parents=True, exist_ok=True)
+    for instr in INSTRUMENT_DIRS:
+        (root / "references" / OBSERVATORY / instr).mkdir(parents=True, exist_ok=True)
+    cfg = root / "config" / OBSERVATORY
+    _write_text(cfg / "ref_cache_subdir_mode", "instrument\n")
+    if not (cfg / "bad_files.txt").exists():
+        _write_text(cfg / "bad_files.txt", "")
+    return root
+
+
+def write_server_config(root: str | os.PathLike, contexts: Sequence[str],
+                        operational: str | None = None) -> Path:
+    """Atomically (re)write ``config/jwst/server_config`` (operational = latest by default)."""
+    operational = operational or contexts[-1]
+    cfg = {
+        "observatory": OBSERVATORY,
+        "operational_context": operational,
+        "latest_context": operational,
+        "edit_context": operational,
+        "mappings": list(contexts),
+        "bad_files_list": [],
+        "last_synced": _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+        "force_remote_mode": False,
+        "calibration_software_version": "calstream-synthetic",
+    }
+    path = Path(root) / "config" / OBSERVATORY / "server_config"
+    tmp = path.with_name(f".server_config.{os.getpid()}.tmp")
+    tmp.write_text(repr(cfg) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def clear_crds_caches() -> None:
+    """Drop crds' in-process caches of config and mappings (if crds is imported)."""
+    if "crds" in sys.modules:
+        from crds.core import utils as crds_utils
+        crds_utils.clear_function_caches()
+
+
+# --------------------------------------------------------------------------------------
+# The synthetic NIRCam cache
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class CacheSpec:
+    """What the synthetic cache must hold (merged with what an existing cache holds)."""
+
+    detectors: tuple[str, ...] = ("NRCA1",)
+    subarrays: tuple[str, ...] = ("SUB160",)
+    full_frame_references: bool = False
+    dark_frames: dict[str, int] = field(default_factory=dict)   # subarray -> frames
+    seed: int = 0
+
+    def merged(self, other: "CacheSpec") -> "CacheSpec":
+        """Union of two specs (same seed required)."""
+        if other.seed != self.seed:
+            raise ValueError(f"cache built with seed {other.seed}, requested {self.seed}")
+        frames = dict(other.dark_frames)
+        for sub, n in self.dark_frames.items():
+            frames[sub] = max(n, frames.get(sub, 0))
+        return CacheSpec(
+            detectors=tuple(d for d in DETECTORS if d in set(self.detectors) | set(other.detectors)),
+            subarrays=tuple(sorted(set(self.subarrays) | set(other.subarrays))),
+            full_frame_references=self.full_frame_references or other.full_frame_references,
+            dark_frames=frames, seed=self.seed)
+
+
+@dataclass
+class CrdsCacheInfo:
+    """Result of :func:`build_crds_cache`."""
+
+    root: Path
+    contexts: list[str]
+    operational_context: str
+    references: dict[str, Path]     # basename -> path
+    written: list[str]              # basenames (re)written by this call
+    spec: CacheSpec
+
+
+DEFAULT_DARK_FRAMES = 10
+
+
+def dark_frames_needed(pattern: ReadPattern, ngroups: int) -> int:
+    """Frames a RAPID dark needs to cover ``ngroups`` of ``pattern``."""
+    return pattern.total_frames(ngroups)
+
+
+def synthetic_rules(spec: CacheSpec, change: GainChange = GAIN_CHANGE
+                    ) -> tuple[list[RuleRow], list[RuleRow], dict[str, RefRecipe]]:
+    """Rules of context 1 and 2 and the recipes of every reference file they name."""
+    base: list[RuleRow] = []
+    extra: list[RuleRow] = []
+    recipes: dict[str, RefRecipe] = {}
+    change_date = change.date.replace("T", " ")
+
+    def add(reftype: str, det: str, ref_sub: str, match_sub: str, **kw) -> None:
+        name = reference_name(reftype, det, ref_sub)
+        recipes[name] = RefRecipe(reftype, det, ref_sub, spec.seed, **kw)
+        base.append(RuleRow(reftype, (det, match_sub), USEAFTER, name))
+        if reftype == "gain" and det == change.detector:
+            name2 = reference_name(reftype, det, ref_sub, version=2)
+            recipes[name2] = RefRecipe(reftype, det, ref_sub, spec.seed,
+                                       useafter=change_date.replace(" ", "T"),
+                                       gain_factor=change.factor)
+            extra.append(RuleRow(reftype, (det, match_sub), change_date, name2))
+
+    static = ("mask", "saturation", "superbias", "linearity", "gain", "readnoise")
+    for det in spec.detectors:
+        sized = set()
+        if spec.full_frame_references or "FULL" in spec.subarrays:
+            sized.add("FULL")
+        if not spec.full_frame_references:
+            sized |= {s for s in spec.subarrays if s != "FULL"}
+        for ref_sub in sorted(sized):
+            for reftype in static:
+                add(reftype, det, ref_sub, "N/A" if ref_sub == "FULL" else ref_sub)
+        for sub in spec.subarrays:
+            frames = spec.dark_frames.get(sub, DEFAULT_DARK_FRAMES)
+            name = reference_name("dark", det, sub)
+            recipes[name] = RefRecipe("dark", det, sub, spec.seed, dark_frames=frames,
+                                      dark_subarray=sub)
+            base.append(RuleRow("dark", (det, sub), USEAFTER, name))
+    for reftype in PARS_REFERENCES:
+        match = ("F",) if REFTYPE_SPECS[("nircam", reftype)].parkeys else ()
+        base.append(RuleRow(reftype, match, PARS_USEAFTER, pars_name(reftype)))
+    return base, base + extra, recipes
+
+
+def _read_manifest(root: Path) -> CacheSpec | None:
+    path = root / MANIFEST
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return CacheSpec(detectors=tuple(data["detectors"]), subarrays=tuple(data["subarrays"]),
+                     full_frame_references=bool(data["full_frame_references"]),
+                     dark_frames={k: int(v) for k, v in data["dark_frames"].items()},
+                     seed=int(data["seed"]))
+
+
+def _write_manifest(root: Path, spec: CacheSpec) -> None:
+    data = {"detectors": list(spec.detectors), "subarrays": list(spec.subarrays),
+            "full_frame_references": spec.full_frame_references,
+            "dark_frames": spec.dark_frames, "seed": spec.seed}
+    _write_text(root / MANIFEST, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def build_crds_cache(root: str | os.PathLike, *, detectors: Sequence[str] = ("NRCA1",),
+                     subarrays: Sequence[str] = ("SUB160",), full_frame_references: bool = False,
+                     dark_frames: Mapping[str, int] | None = None, seed: int = 0,
+                     extra_rules: Sequence[RuleRow] = (), params: DetectorParams | None = None,
+                     force: bool = False) -> CrdsCacheInfo:
+    """Create or extend the synthetic CRDS cache at ``root``; idempotent.
+
+    References are written only when missing or when their recipe changed (e.g. a dark
+    needs more frames); the cache's content is the union of everything ever requested
+    (recorded in ``root/calstream_synth.json``).  ``extra_rules`` are appended to both
+    contexts (their files must already exist under references/jwst/<instrument>/).
+    Dark frame counts default to 10 per subarray.  Returns paths and context names;
+    the operational context in ``server_config`` is the latest, jwst_0002.pmap.
+    """
+    root = ensure_layout(root)
+    want = CacheSpec(detectors=tuple(d.upper() for d in detectors),
+                     subarrays=tuple(s.upper() for s in subarrays),
+                     full_frame_references=full_frame_references,
+                     dark_frames={k.upper(): int(v) for k, v in (dark_frames or {}).items()},
+                     seed=int(seed))
+    for det in want.detectors:
+        for sub in want.subarrays:
+            subarray_for(det, sub)          # validates names
+    have = _read_manifest(root)
+    spec = want.merged(have) if have is not None else want.merged(want)
+    ctx1, ctx2, recipes = synthetic_rules(spec)
+    refdir = root / "references" / OBSERVATORY / "nircam"
+    written: list[str] = []
+    references: dict[str, Path] = {}
+    params = params or DetectorParams()
+    maps_cache: dict[tuple[str, str], object] = {}
+    for name, recipe in sorted(recipes.items()):
+        if params != recipe.params:
+            recipe = RefRecipe(**{**recipe.__dict__, "params": params})
+        path = refdir / name
+        references[name] = path
+        key = (recipe.detector, recipe.subarray)
+        if not force and path.exists() and existing_recipe_key(path) == recipe.key():
+            continue
+        if key not in maps_cache:
+            maps_cache.clear()   # keep at most one window's maps in memory
+            sub = subarray_for(*key)
+            maps_cache[key] = pixel_maps(recipe.detector, recipe.seed, sub.y0, sub.x0,
+                                         sub.ysize, sub.xsize, params)
+        if write_reference(recipe, path, maps=maps_cache[key], force=True):
+            written.append(name)
+    for reftype in PARS_REFERENCES:
+        path = refdir / pars_name(reftype)
+        references[path.name] = path
+        if write_pars(reftype, path):
+            written.append(path.name)
+    contexts = write_contexts(root, [ctx1 + list(extra_rules), ctx2 + list(extra_rules)],
+                              na_types={"nircam": DETECTOR1_NA_TYPES})
+    write_server_config(root, contexts)
+    _write_manifest(root, spec)
+    clear_crds_caches()
+    return CrdsCacheInfo(root=root, contexts=contexts, operational_context=contexts[-1],
+                         references=references, written=written, spec=spec)
+
+
+__all__ = [
+    "CacheSpec", "CrdsCacheInfo", "DETECTOR1_NA_TYPES", "REFTYPE_SPECS", "RefTypeSpec",
+    "RuleRow", "build_crds_cache", "clear_crds_caches", "dark_frames_needed",
+    "ensure_layout", "format_imap", "format_pmap", "format_rmap", "mapping_checksum",
+    "synthetic_rules", "write_contexts", "write_server_config",
+]
