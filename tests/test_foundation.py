@@ -154,3 +154,14 @@ def test_rate_product_opens_with_stdatamodels(tmp_path: Path) -> None:
     with datamodels.open(cube) as model:
         assert type(model).__name__ == "CubeModel"
         model.validate()
+
+
+def test_crds_keyword_table_agrees_with_the_datamodel_schema() -> None:
+    """data/fits_to_meta.json must map FITS keywords as crds' own schema lookup does."""
+    locate = pytest.importorskip("crds.jwst.locate")
+    from calstream.steps.exposure import _fits_to_meta
+
+    table = _fits_to_meta()
+    for keyword in ("INSTRUME", "DETECTOR", "FILTER", "PUPIL", "SUBARRAY", "EXP_TYPE", "READPATT",
+                    "DATE-OBS", "TIME-OBS", "TSOVISIT", "LAMP", "CHANNEL", "MODULE", "NOUTPUTS", "BAND"):
+        assert [table[keyword].lower()] == [p.lower() for p in locate.cached_dm_find_fits_keyword(keyword)], keyword
