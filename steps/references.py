@@ -88,20 +88,22 @@ class Reference:
         return dy, dx
 
     def rows(self, extname: str, y0: int, y1: int, dtype: type = np.float32,
-             nplanes: int | None = None) -> np.ndarray:
-        """Science rows [y0, y1) of extension ``extname`` (leading planes kept), as ``dtype``."""
+             nplanes: int | None = None, x0: int = 0, x1: int | None = None) -> np.ndarray:
+        """Science rows [y0, y1), columns [x0, x1) of ``extname`` (leading planes kept), as ``dtype``."""
         dy, dx = self.offset
-        return self._reader(extname).read(y0 + dy, y1 + dy, dtype=dtype, x0=dx,
-                                          x1=dx + self.exposure.subsize1, nplanes=nplanes)
+        x1 = self.exposure.subsize1 if x1 is None else x1
+        return self._reader(extname).read(y0 + dy, y1 + dy, dtype=dtype, x0=dx + x0, x1=dx + x1,
+                                          nplanes=nplanes)
 
-    def dq_rows(self, y0: int, y1: int, extname: str = "DQ") -> np.ndarray:
+    def dq_rows(self, y0: int, y1: int, extname: str = "DQ", x0: int = 0, x1: int | None = None) -> np.ndarray:
         """Science rows of the DQ array in pipeline bits (DQ_DEF applied), uint32 (..., ny, nx).
 
         A reference without a DQ extension contributes no flags.
         """
+        x1 = self.exposure.subsize1 if x1 is None else x1
         if not self.has(extname):
-            return np.zeros((y1 - y0, self.exposure.subsize1), dtype=np.uint32)
-        dq = self.rows(extname, y0, y1, dtype=np.uint32)
+            return np.zeros((y1 - y0, x1 - x0), dtype=np.uint32)
+        dq = self.rows(extname, y0, y1, dtype=np.uint32, x0=x0, x1=x1)
         return translate_reference_dq(dq, self.dq_def)
 
     @cached_property
