@@ -64,8 +64,16 @@ def worker(kind: str, uncal: str, crds_root: str, outdir: str, repeat: int) -> N
         t = time.perf_counter()
         run()
         times.append(time.perf_counter() - t)
-    print(json.dumps({"times": times, "import": import_seconds,
-                      "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"times": times, "import": import_seconds, "maxrss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _subprocess(args: list[str], env_extra: dict[str, str]) -> tuple[str, float]:

@@ -11,6 +11,7 @@ Module layout: :func:`plan_detector1` decides what runs (parameters, references,
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -61,18 +62,20 @@ class RampSource:
         e = self.exposure
         return e.nints, e.ngroups, e.subsize2, e.subsize1
 
-    def read(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows [y0, y1): data float32 (nints, ngroups, h, nx) DN, gdq uint8, pdq uint32 (h, nx)."""
-        data = self.sci.read(y0, y1, dtype=np.float32)
-        nints, ngroups, _, nx = self.shape
+    def read(self, y0: int, y1: int, x0: int = 0, x1: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows [y0, y1), columns [x0, x1): data float32 (nints, ngroups, h, w) DN, gdq uint8,
+        pdq uint32 (h, w)."""
+        x1 = self.shape[3] if x1 is None else x1
+        data = self.sci.read(y0, y1, dtype=np.float32, x0=x0, x1=x1)
         if self.groupdq is not None:
-            gdq = self.groupdq.read(y0, y1, dtype=np.uint8)
+            gdq = self.groupdq.read(y0, y1, dtype=np.uint8, x0=x0, x1=x1)
         else:
             gdq = np.zeros(data.shape, dtype=np.uint8)
         if self.pixeldq is not None:
-            pdq = self.pixeldq.read(y0, y1, dtype=np.uint32)
+            pdq = self.pixeldq.read(y0, y1, dtype=np.uint32, x0=x0, x1=x1)
         else:
-            pdq = np.zeros((y1 - y0, nx), dtype=np.uint32)
+            pdq = np.zeros((y1 - y0, x1 - x0), dtype=np.uint32)
         return data, gdq, pdq
 
     def close(self) -> None:
@@ -255,13 +258,13 @@ class Detector1Result:
     references: dict[str, str]
     context: str
     step_seconds: dict[str, float]
-    jump_count: int = 0
     seconds: float = 0.0
 
 
 @dataclass
 class _Chunk:
-    """A block of rows with halo: rows [y0, y1) of the frame; owned rows [own0, own1)."""
+    """A block of rows with halo: rows [y0, y1), columns [x0, x1) of the frame; owned rows
+    [own0, own1). References read for it are kept in ``refs`` so no step reads them twice."""
 
     y0: int
     y1: int
@@ -270,10 +273,17 @@ class _Chunk:
     data: np.ndarray
     gdq: np.ndarray
     pdq: np.ndarray
+    x0: int = 0
+    x1: int | None = None
+    refs: dict[tuple[str, str, int | None], np.ndarray] = field(default_factory=dict)
 
     @property
     def owned(self) -> slice:
         return slice(self.own0 - self.y0, self.own1 - self.y0)
+
+    @property
+    def halo(self) -> tuple[int, int]:
+        return self.own0 - self.y0, self.y1 - self.own1
 
 
 class _Timer:
@@ -303,13 +313,14 @@ def run_detector1(source: RampSource, plan: Detector1Plan, output_dir: str | Pat
     with ExitStack() as stack:
         refs = _open_references(plan, exp, stack)
         runner = _ChunkRunner(plan, refs, timer)
+        runner.average_dark = _average_dark_current(plan, refs, source)
         if plan.runs("refpix"):
             runner.refpix_plan = timer.run("refpix", _measure_refpix, source, runner, chunk_rows)
         result = runner.stream(source, chunk_rows)
     products = _write_products(source, plan, refs_uris(plan), runner, result, output_dir, fsync, timer)
     log.info("detector1 done", file=Path(source.path).name, seconds=round(time.perf_counter() - started, 3))
     return Detector1Result(products, dict(plan.status), dict(plan.references), plan.context,
-                           timer.seconds, runner.jump_count, time.perf_counter() - started)
+                           timer.seconds, time.perf_counter() - started)
 
 
 def refs_uris(plan: Detector1Plan) -> dict[str, str]:
@@ -334,9 +345,12 @@ class _ChunkRunner:
         self.plan, self.refs, self.timer = plan, refs, timer
         self.exp = plan.exposure
         self.refpix_plan: Any = None
-        self.jump_count = 0
+        self.jump_stats: list[Any] = []
+        self.frame_dnu_groups: np.ndarray | None = None
         self.ramp_result: Any = None
         self.ramp_arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        #: the ramp's average dark current (e-/s): None, a scalar or (ny, nx); see _average_dark_current
+        self.average_dark: float | np.ndarray | None = None
         self.first_group_all_saturated = True
         self._kernels = _load_kernels(plan)
 
@@ -383,11 +397,18 @@ class _ChunkRunner:
     # -- steps -----------------------------------------------------------------------------
     def _rows(self, reftype: str, extname: str, chunk: _Chunk, dtype: type = np.float32,
               nplanes: int | None = None) -> np.ndarray:
-        return self.refs[reftype].rows(extname, chunk.y0, chunk.y1, dtype=dtype, nplanes=nplanes)
+        key = (reftype, extname, nplanes)
+        if key not in chunk.refs:
+            chunk.refs[key] = self.refs[reftype].rows(extname, chunk.y0, chunk.y1, dtype=dtype,
+                                                      nplanes=nplanes, x0=chunk.x0, x1=chunk.x1)
+        return chunk.refs[key]
 
     def _dq(self, reftype: str, chunk: _Chunk) -> np.ndarray:
-        dq = self.refs[reftype].dq_rows(chunk.y0, chunk.y1)
-        return np.bitwise_or.reduce(dq, axis=0) if dq.ndim == 3 else dq
+        key = (reftype, "DQ", None)
+        if key not in chunk.refs:
+            dq = self.refs[reftype].dq_rows(chunk.y0, chunk.y1, x0=chunk.x0, x1=chunk.x1)
+            chunk.refs[key] = np.bitwise_or.reduce(dq, axis=0) if dq.ndim == 3 else dq
+        return chunk.refs[key]
 
     def _group_scale(self, chunk: _Chunk) -> None:
         self._kernels["corrections"].group_scale(chunk.data, self.exp.frmdivsr, self.exp.nframes)
@@ -441,10 +462,14 @@ class _ChunkRunner:
 
     def _jump(self, chunk: _Chunk) -> None:
         jump = self._kernels["jump"]
+        own = chunk.owned
+        dnu = jump.dnu_group_mask(np.ascontiguousarray(chunk.gdq[:, :, own]))
+        self.frame_dnu_groups = dnu if self.frame_dnu_groups is None else self.frame_dnu_groups & dnu
         stats = jump.detect_jumps(chunk.data, chunk.gdq, chunk.pdq, self._rows("readnoise", "SCI", chunk),
                                   self._rows("gain", "SCI", chunk), self.exp.frame_time, self.exp.group_time,
-                                  self.exp.nframes, self._jump_params)
-        self.jump_count += _owned_jumps(stats, chunk)
+                                  self.exp.nframes, self._jump_params, gain_median=self._gain_median,
+                                  halo=chunk.halo)
+        self.jump_stats.append(stats)
 
     def _fit(self, chunk: _Chunk) -> None:
         rf = self._kernels["ramp_fit"]
@@ -453,10 +478,18 @@ class _ChunkRunner:
         self.first_group_all_saturated &= bool(np.all(gdq[:, 0] & np.uint8(dqflags.SATURATED)))
         readnoise = self.refs["readnoise"].rows("SCI", chunk.own0, chunk.own1)
         gain = self.refs["gain"].rows("SCI", chunk.own0, chunk.own1)
+        dark = self.average_dark
+        if isinstance(dark, np.ndarray):
+            dark = dark[chunk.own0:chunk.own1]
         self.timer.run("ramp_fit", rf.fit_ramps, np.ascontiguousarray(chunk.data[:, :, own]),
                        np.ascontiguousarray(gdq), chunk.pdq[own], readnoise, gain, self.exp.frame_time,
                        self.exp.group_time, self.exp.nframes, self.exp.groupgap, self.exp.drpfrms1,
-                       self._ramp_params, out=self.ramp_result, row_offset=chunk.own0)
+                       self._ramp_params, out=self.ramp_result, row_offset=chunk.own0, dark_current=dark)
+
+    @functools.cached_property
+    def _gain_median(self) -> float:
+        """Median gain over the (sub)array: jwst's substitute for unusable gain values."""
+        return float(np.nanmedian(self.refs["gain"].rows("SCI", 0, self.exp.subsize2)))
 
     # -- parameters ------------------------------------------------------------------------
     @property
@@ -479,10 +512,46 @@ def _step_only(params: Mapping[str, Any]) -> dict[str, Any]:
             if k not in ("skip", "save_results", "suffix") and not k.startswith("override_")}
 
 
-def _owned_jumps(stats: Any, chunk: _Chunk) -> int:
-    """Newly flagged jump groups in the chunk's owned rows."""
-    own = chunk.owned
-    return int(np.count_nonzero(chunk.gdq[:, :, own] & np.uint8(dqflags.JUMP_DET)))
+def _average_dark_current(plan: Detector1Plan, refs: Mapping[str, Reference],
+                          source: RampSource) -> float | np.ndarray | None:
+    """The ramp's average dark current (e-/s), added to the rate in ramp_fit's Poisson variance.
+
+    jwst 3.0's rule, quirks included: a ramp input keeps its own AVDRKCUR image unless the dark
+    step runs; then the step's ``average_dark_current`` parameter wins, else the dark reference's
+    scalar AVDRKCUR keyword (default 0) when its 2-D AVDRKCUR image is absent or all zero. A
+    non-zero 2-D image replaces the ramp's only if the ramp already has one of the same shape:
+    jwst compares it with the ramp's current array, which an uncal input does not have, so for
+    uncal inputs the image is ignored (jwst warns and fits with no dark current).
+    Returns a float, a float32 (ny, nx) array, or None (no dark current, no AVDRKCUR written).
+    """
+    exp = plan.exposure
+    existing = _read_2d(source.path, "AVDRKCUR", (exp.subsize2, exp.subsize1)) if source.kind == "ramp" else None
+    if not plan.runs("dark_current"):
+        return existing
+    param = plan.params["dark_current"].get("average_dark_current")
+    if param is not None:
+        return float(param)
+    ref = refs["dark"]
+    avg = _read_2d(ref.path, "AVDRKCUR", None) if ref.has("AVDRKCUR") else None
+    if avg is None or float(np.sum(avg)) == 0.0:
+        return float(ref.keyword("AVDRKCUR", 0.0) or 0.0)
+    if existing is None or avg.shape != existing.shape:
+        log.warning("dark AVDRKCUR image does not match the ramp's average dark current: not applied "
+                    "(as in jwst)", dark=Path(ref.path).name, shape=avg.shape)
+        return existing
+    return avg
+
+
+def _read_2d(path: str, extname: str, shape: tuple[int, int] | None) -> np.ndarray | None:
+    """A 2-D image extension as float32, or None if absent (or not of ``shape`` when given)."""
+    with open_header(path) as hdul:
+        if extname not in [h.name for h in hdul]:
+            return None
+        layout = image_layout(hdul, extname, path)
+    if len(layout.shape) != 2 or (shape is not None and layout.shape != shape):
+        return None
+    with RowReader(layout) as reader:
+        return reader.read(0, layout.shape[0], dtype=np.float32)
 
 
 def _dark_planes_needed(exp: Exposure, dark_nframes: int, dark_groupgap: int) -> int:
@@ -512,22 +581,25 @@ def _load_kernels(plan: Detector1Plan) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 def _measure_refpix(source: RampSource, runner: _ChunkRunner, chunk_rows: int) -> Any:
-    """Run the pre-refpix steps over the frame, keep only the border pixels, measure corrections.
+    """First pass: the pre-refpix steps on the border pixels only, then the corrections.
 
-    Only the 4-pixel border of the (sub)array is kept (every reference pixel lies in it).
+    Every reference pixel lies within 4 pixels of the (sub)array's edges, and the steps before
+    refpix act pixel by pixel on what refpix reads (data and pixel DQ), so this pass touches
+    only the top/bottom rows and the left/right column strips. IPC is spatial: with IPC on, the
+    pass runs on full-width chunks with halo rows instead.
     """
     refpix = runner._kernels["refpix"]
     exp = runner.exp
     nints, ngroups, ny, nx = source.shape
     border = refpix.RefBorder.empty((nints, ngroups), ny, nx, np.float32)
     dq_border = refpix.RefBorder.empty((), ny, nx, np.uint32)
-    for y0, y1, own0, own1 in chunk_bounds(ny, chunk_rows):
-        data, gdq, pdq = source.read(y0, y1)
-        chunk = _Chunk(y0, y1, own0, own1, data, gdq, pdq)
+    for y0, y1, own0, own1, x0, x1 in _border_windows(ny, nx, chunk_rows, refpix.NREF, runner.plan.runs("ipc")):
+        data, gdq, pdq = source.read(y0, y1, x0, x1)
+        chunk = _Chunk(y0, y1, own0, own1, data, gdq, pdq, x0, x1)
         runner.calibrate(chunk, stop_before="refpix")
         own = chunk.owned
-        border.fill(chunk.data[:, :, own], own0)
-        dq_border.fill(chunk.pdq[own], own0)
+        _fill_border(border, chunk.data[:, :, own], own0, x0, nx)
+        _fill_border(dq_border, chunk.pdq[own], own0, x0, nx)
     params = runner.plan.params["refpix"]
     geometry = refpix.RefpixGeometry(exp.substrt1, exp.substrt2, exp.subsize1, exp.subsize2, exp.fastaxis,
                                      exp.slowaxis, exp.noutputs, exp.subarray)
@@ -544,6 +616,30 @@ def _measure_refpix(source: RampSource, runner: _ChunkRunner, chunk_rows: int) -
     return plan
 
 
+def _border_windows(ny: int, nx: int, chunk_rows: int, width: int, full_width: bool
+                    ) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """(y0, y1, own0, own1, x0, x1) windows covering every pixel within ``width`` of an edge."""
+    if full_width or nx <= 2 * width or ny <= 2 * width:
+        for y0, y1, own0, own1 in chunk_bounds(ny, chunk_rows):
+            yield y0, y1, own0, own1, 0, nx
+        return
+    yield 0, width, 0, width, 0, nx
+    for _, _, own0, own1 in chunk_bounds(ny - 2 * width, chunk_rows, halo=0):
+        for x0, x1 in ((0, width), (nx - width, nx)):
+            yield own0 + width, own1 + width, own0 + width, own1 + width, x0, x1
+    yield ny - width, ny, ny - width, ny, 0, nx
+
+
+def _fill_border(border: Any, block: np.ndarray, row0: int, x0: int, nx: int) -> None:
+    """Copy a (possibly column-windowed) block of rows into a RefBorder."""
+    if block.shape[-1] == nx:
+        border.fill(block, row0)
+        return
+    rows = slice(row0, row0 + block.shape[-2])
+    target = border.left if x0 == 0 else border.right
+    target[..., rows, :] = block
+
+
 # ---------------------------------------------------------------------------------------------
 # Products
 # ---------------------------------------------------------------------------------------------
@@ -553,14 +649,17 @@ def _write_products(source: RampSource, plan: Detector1Plan, uris: dict[str, str
     exp = plan.exposure
     spec_keywords = {s.name: s.keyword for s in plan.steps}
     statuses = {spec_keywords[name]: status for name, status in plan.status.items()}
-    provenance = Provenance(plan.context, crds_version(), uris, statuses, _jump_keywords(plan, runner))
+    extra = _jump_keywords(plan, runner)
+    statuses = {spec_keywords[name]: status for name, status in plan.status.items()}
+    provenance = Provenance(plan.context, crds_version(), uris, statuses, extra)
     name = Path(source.path).name
     products: dict[str, Path] = {}
     if runner.ramp_arrays is not None:
         sci, gdq, pdq = runner.ramp_arrays
         suffix = "ramp" if plan.pipeline else plan.steps[0].name
         products["ramp"] = timer.run("write", write_ramp, product_path(output_dir, name, suffix),
-                                     exp.header, provenance, sci, pdq, gdq, fsync=fsync)
+                                     exp.header, provenance, sci, pdq, gdq, fsync=fsync,
+                                     average_dark_current=runner.average_dark)
     if result is not None:
         if plan.runs("gain_scale"):
             timer.run("gain_scale", _gain_scale, runner, result, float(exp.gainfact or 1.0))
@@ -581,14 +680,21 @@ def _gain_scale(runner: _ChunkRunner, result: Any, factor: float) -> None:
 
 
 def _jump_keywords(plan: Detector1Plan, runner: _ChunkRunner) -> dict[str, object]:
-    """PRIMECRS: cosmic-ray hits per 1000 pixels per second (as jwst records it)."""
-    if not plan.runs("jump"):
+    """PRIMECRS / EXTNCRS as jwst records them (cosmic rays per 1000 pixels per second)."""
+    if not plan.runs("jump") or not runner.jump_stats:
+        return {}
+    jump = runner._kernels["jump"]
+    stats = jump.JumpStats.combine(runner.jump_stats)
+    if stats.method == "not_run":
+        plan.status["jump"], plan.skip_reason["jump"] = SKIPPED, "too few groups for jump detection"
         return {}
     exp = plan.exposure
-    pixels = exp.subsize1 * exp.subsize2
-    seconds = exp.nints * exp.group_time * max(exp.ngroups - 1, 1)
-    rate = 1000.0 * runner.jump_count / (pixels * seconds) if pixels and seconds else 0.0
-    return {"PRIMECRS": (round(rate, 6), "Primary cosmic rays per 1000 pixels per second"),
+    n_dnu = int(np.count_nonzero(runner.frame_dnu_groups)) if runner.frame_dnu_groups is not None else 0
+    rate = jump.primary_cosmic_ray_rate(stats.primary_crs, exp.nints, exp.ngroups, n_dnu, exp.group_time,
+                                        exp.subsize2, exp.subsize1)
+    if rate is None:
+        return {}
+    return {"PRIMECRS": (float(rate), "Primary cosmic rays per 1000 pixels per second"),
             "EXTNCRS": (0.0, "Snowballs/showers per million pixels per second")}
 
 

@@ -127,18 +127,25 @@ def write_rate(path: str | Path, source_header: fits.Header, provenance: Provena
 
 def write_ramp(path: str | Path, source_header: fits.Header, provenance: Provenance, sci: np.ndarray,
                pixeldq: np.ndarray, groupdq: np.ndarray, err: np.ndarray | None = None,
-               fsync: bool = True) -> Path:
-    """A ramp product (RampModel): SCI float32 (nints, ngroups, ny, nx) in DN."""
+               fsync: bool = True, average_dark_current: float | np.ndarray | None = None) -> Path:
+    """A ramp product (RampModel): SCI float32 (nints, ngroups, ny, nx) in DN.
+
+    ``average_dark_current`` (e-/s, scalar or (ny, nx)), when given, is written as the AVDRKCUR
+    image, as jwst's RampModel carries it from the dark step to ramp fitting.
+    """
     path = Path(path)
     err = np.zeros(sci.shape, dtype=np.float32) if err is None else err
-    hdul = fits.HDUList([
+    hdus = [
         fits.PrimaryHDU(header=primary_header(source_header, "RampModel", path.name, provenance)),
         _image("SCI", _f32(sci), _science_header(source_header, "DN")),
         _image("PIXELDQ", pixeldq.astype(np.uint32, copy=False)),
         _image("GROUPDQ", groupdq.astype(np.uint8, copy=False)),
         _image("ERR", _f32(err), fits.Header([("BUNIT", "DN")])),
-    ])
-    write_hdulist(hdul, path, fsync=fsync)
+    ]
+    if average_dark_current is not None:
+        avg = np.broadcast_to(np.asarray(average_dark_current, dtype=np.float32), pixeldq.shape)
+        hdus.append(_image("AVDRKCUR", np.ascontiguousarray(avg), fits.Header([("BUNIT", "electron/s")])))
+    write_hdulist(fits.HDUList(hdus), path, fsync=fsync)
     return path
 
 
