@@ -34,9 +34,6 @@ from .references import Reference, open_reference
 log = structlog.get_logger("calstream.steps.detector1")
 
 COMPLETE, SKIPPED = "COMPLETE", "SKIPPED"
-#: rows above/below a chunk recomputed so spatial steps (saturation growth, IPC, jump
-#: neighbours) see the same neighbourhood as on the whole frame
-HALO_ROWS = 4
 DEFAULT_CHUNK_ROWS = 256
 #: steps that run before refpix and therefore feed its first pass
 _PRE_REFPIX = ("group_scale", "dq_init", "saturation", "ipc", "superbias")
@@ -297,8 +294,27 @@ class _Timer:
         return result
 
 
-def chunk_bounds(ny: int, chunk_rows: int, halo: int = HALO_ROWS) -> Iterator[tuple[int, int, int, int]]:
-    """(y0, y1, own0, own1) for successive chunks covering ``ny`` rows."""
+def halo_rows(plan: Detector1Plan, ipc_kernel_rows: int = 3) -> int:
+    """Rows of context a chunk needs so that its owned rows come out as on the whole frame.
+
+    The spatial reaches add up along the step chain: saturation growth (2n rows: its backward
+    pass grows flags already grown), IPC (half the kernel), charge migration (1) and jump's
+    neighbour flagging (1).
+    """
+    halo = 0
+    if plan.runs("saturation"):
+        halo += 2 * int(plan.params["saturation"]["n_pix_grow_sat"])
+    if plan.runs("ipc"):
+        halo += ipc_kernel_rows // 2
+    if plan.runs("charge_migration"):
+        halo += 1
+    if plan.runs("jump"):
+        halo += 1
+    return halo
+
+
+def chunk_bounds(ny: int, chunk_rows: int, halo: int) -> Iterator[tuple[int, int, int, int]]:
+    """(y0, y1, own0, own1) for chunks of ``chunk_rows`` owned rows plus ``halo`` context rows."""
     for own0 in range(0, ny, chunk_rows):
         own1 = min(ny, own0 + chunk_rows)
         yield max(0, own0 - halo), min(ny, own1 + halo), own0, own1
@@ -353,6 +369,8 @@ class _ChunkRunner:
         self.average_dark: float | np.ndarray | None = None
         self.first_group_all_saturated = True
         self._kernels = _load_kernels(plan)
+        ipc_rows = refs["ipc"].layout("SCI").shape[-2] if "ipc" in refs and plan.runs("ipc") else 3
+        self.halo = halo_rows(plan, ipc_rows)
 
     # -- the chunk loop --------------------------------------------------------------------
     def stream(self, source: RampSource, chunk_rows: int) -> Any:
@@ -364,7 +382,7 @@ class _ChunkRunner:
         if keep_ramp:
             self.ramp_arrays = (np.empty((nints, ngroups, ny, nx), np.float32),
                                 np.empty((nints, ngroups, ny, nx), np.uint8), np.empty((ny, nx), np.uint32))
-        for y0, y1, own0, own1 in chunk_bounds(ny, chunk_rows):
+        for y0, y1, own0, own1 in chunk_bounds(ny, chunk_rows, self.halo):
             data, gdq, pdq = self.timer.run("read", source.read, y0, y1)
             chunk = _Chunk(y0, y1, own0, own1, data, gdq, pdq)
             self.calibrate(chunk, stop_before=None)
@@ -438,9 +456,13 @@ class _ChunkRunner:
         self._kernels["refpix"].apply_refpix(chunk.data, self.refpix_plan, chunk.y0)
 
     def _linearity(self, chunk: _Chunk) -> None:
-        self._kernels["corrections"].linearity(chunk.data, chunk.gdq, chunk.pdq,
-                                               self._rows("linearity", "COEFFS", chunk),
-                                               self._dq("linearity", chunk))
+        # jwst takes the read-level path when the reference has inverse coefficients and groups
+        # average several frames (uncal files carry no READ_TIMES)
+        read_level = self.refs["linearity"].has("INV_COEFFS") and self.exp.nframes > 1
+        self._kernels["corrections"].linearity(
+            chunk.data, chunk.gdq, chunk.pdq, self._rows("linearity", "COEFFS", chunk),
+            self._dq("linearity", chunk), nframes=self.exp.nframes,
+            inv_coeffs=self._rows("linearity", "INV_COEFFS", chunk) if read_level else None)
 
     def _dark(self, chunk: _Chunk) -> None:
         ref = self.refs["dark"]
@@ -476,13 +498,13 @@ class _ChunkRunner:
         own = chunk.owned
         gdq = chunk.gdq[:, :, own]
         self.first_group_all_saturated &= bool(np.all(gdq[:, 0] & np.uint8(dqflags.SATURATED)))
-        readnoise = self.refs["readnoise"].rows("SCI", chunk.own0, chunk.own1)
-        gain = self.refs["gain"].rows("SCI", chunk.own0, chunk.own1)
+        readnoise = self._rows("readnoise", "SCI", chunk)[own]
+        gain = self._rows("gain", "SCI", chunk)[own]
         dark = self.average_dark
         if isinstance(dark, np.ndarray):
             dark = dark[chunk.own0:chunk.own1]
-        self.timer.run("ramp_fit", rf.fit_ramps, np.ascontiguousarray(chunk.data[:, :, own]),
-                       np.ascontiguousarray(gdq), chunk.pdq[own], readnoise, gain, self.exp.frame_time,
+        self.timer.run("ramp_fit", rf.fit_ramps, chunk.data[:, :, own], gdq, chunk.pdq[own], readnoise, gain,
+                       self.exp.frame_time,
                        self.exp.group_time, self.exp.nframes, self.exp.groupgap, self.exp.drpfrms1,
                        self._ramp_params, out=self.ramp_result, row_offset=chunk.own0, dark_current=dark)
 
@@ -593,7 +615,8 @@ def _measure_refpix(source: RampSource, runner: _ChunkRunner, chunk_rows: int) -
     nints, ngroups, ny, nx = source.shape
     border = refpix.RefBorder.empty((nints, ngroups), ny, nx, np.float32)
     dq_border = refpix.RefBorder.empty((), ny, nx, np.uint32)
-    for y0, y1, own0, own1, x0, x1 in _border_windows(ny, nx, chunk_rows, refpix.NREF, runner.plan.runs("ipc")):
+    for y0, y1, own0, own1, x0, x1 in _border_windows(ny, nx, chunk_rows, refpix.NREF, runner.halo,
+                                                      runner.plan.runs("ipc")):
         data, gdq, pdq = source.read(y0, y1, x0, x1)
         chunk = _Chunk(y0, y1, own0, own1, data, gdq, pdq, x0, x1)
         runner.calibrate(chunk, stop_before="refpix")
@@ -616,11 +639,11 @@ def _measure_refpix(source: RampSource, runner: _ChunkRunner, chunk_rows: int) -
     return plan
 
 
-def _border_windows(ny: int, nx: int, chunk_rows: int, width: int, full_width: bool
+def _border_windows(ny: int, nx: int, chunk_rows: int, width: int, halo: int, full_width: bool
                     ) -> Iterator[tuple[int, int, int, int, int, int]]:
     """(y0, y1, own0, own1, x0, x1) windows covering every pixel within ``width`` of an edge."""
     if full_width or nx <= 2 * width or ny <= 2 * width:
-        for y0, y1, own0, own1 in chunk_bounds(ny, chunk_rows):
+        for y0, y1, own0, own1 in chunk_bounds(ny, chunk_rows, halo):
             yield y0, y1, own0, own1, 0, nx
         return
     yield 0, width, 0, width, 0, nx

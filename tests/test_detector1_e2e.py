@@ -68,9 +68,11 @@ def test_rate_matches_the_generated_truth(pipeline_run: Path, sub160_observation
     assert (dq & dqflags.REFERENCE_PIXEL).any()
 
 
-def test_chunk_size_does_not_change_the_answer(sub160_uncal: Path, tmp_path: Path) -> None:
-    small = calibrate_file(sub160_uncal, tmp_path / "a", chunk_rows=7, fsync=False)
-    large = calibrate_file(sub160_uncal, tmp_path / "b", chunk_rows=1000, fsync=False)
+@pytest.mark.parametrize("grow", [1, 2])
+def test_chunk_size_does_not_change_the_answer(sub160_uncal: Path, tmp_path: Path, grow: int) -> None:
+    params = {"saturation": {"n_pix_grow_sat": grow}}
+    small = calibrate_file(sub160_uncal, tmp_path / "a", chunk_rows=7, fsync=False, cli_steps=params)
+    large = calibrate_file(sub160_uncal, tmp_path / "b", chunk_rows=1000, fsync=False, cli_steps=params)
     for kind in ("rate", "rateints"):
         with fits.open(small.products[kind]) as a, fits.open(large.products[kind]) as b:
             for ext in ("SCI", "ERR", "DQ", "VAR_POISSON", "VAR_RNOISE"):
