@@ -6,6 +6,7 @@ Values follow stdatamodels' ``dqflags.pixel`` (value = 2**bit).
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -99,11 +100,24 @@ def translate_reference_dq(dq: np.ndarray, dq_def: Iterable[Mapping[str, object]
     mapping = dq_def_mapping(dq_def)
     if not mapping or all(k == v for k, v in mapping.items()):
         return dq
-    out = np.zeros(dq.shape, dtype=np.uint32)
-    for file_value, pipe_value in mapping.items():
-        if pipe_value:
-            out[(dq & np.uint32(file_value)) != 0] |= np.uint32(pipe_value)
+    tables = _byte_tables(tuple(sorted(mapping.items())))
+    out = tables[0][dq & 0xFF]
+    for k in range(1, 4):
+        out |= tables[k][(dq >> np.uint32(8 * k)) & 0xFF]
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _byte_tables(mapping: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, ...]:
+    """Four 256-entry tables: byte k of a file DQ value -> the pipeline flags its bits mean."""
+    tables = np.zeros((4, 256), dtype=np.uint32)
+    values = np.arange(256, dtype=np.uint32)
+    for file_value, pipe_value in mapping:
+        for k in range(4):
+            byte = (file_value >> (8 * k)) & 0xFF
+            if byte and pipe_value:
+                tables[k][(values & np.uint32(byte)) != 0] |= np.uint32(pipe_value)
+    return tuple(tables)
 
 
 def names_of(value: int) -> list[str]:

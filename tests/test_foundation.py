@@ -30,10 +30,11 @@ def test_interpret_flags_accepts_jwst_spellings() -> None:
 def test_reference_dq_translated_through_dq_def() -> None:
     # the file uses bit 0 for HOT and bit 3 for DO_NOT_USE
     dq_def = [{"BIT": 0, "VALUE": 1, "NAME": "HOT"}, {"BIT": 3, "VALUE": 8, "NAME": "DO_NOT_USE"},
-              {"BIT": 5, "VALUE": 32, "NAME": "SOMETHING_LOCAL"}]
-    dq = np.array([[1, 8, 9, 32]], dtype=np.uint32)
+              {"BIT": 5, "VALUE": 32, "NAME": "SOMETHING_LOCAL"}, {"BIT": 20, "VALUE": 1 << 20, "NAME": "DEAD"}]
+    dq = np.array([[1, 8, 9, 32, (1 << 20) | 1]], dtype=np.uint32)
     out = dqflags.translate_reference_dq(dq, dq_def)
-    assert out.tolist() == [[dqflags.HOT, dqflags.DO_NOT_USE, dqflags.HOT | dqflags.DO_NOT_USE, 0]]
+    assert out.tolist() == [[dqflags.HOT, dqflags.DO_NOT_USE, dqflags.HOT | dqflags.DO_NOT_USE, 0,
+                             dqflags.DEAD | dqflags.HOT]]
 
 
 # -- FITS rows ------------------------------------------------------------------------------------
