@@ -147,20 +147,49 @@ class RowReader:
         return out
 
 
+#: below this many values the numpy path is as fast as the compiled one
+_FAST_DECODE_MIN = 65536
+
+
 def decode_into(raw: np.ndarray, bzero: float, bscale: float, out: np.ndarray) -> None:
-    """Apply FITS scaling (BSCALE, BZERO) to big-endian ``raw`` and store into ``out``."""
+    """Apply FITS scaling (BSCALE, BZERO) to big-endian ``raw`` and store into ``out``.
+
+    ``raw`` is a scratch buffer and may be modified.
+    """
+    if _decode_fast(raw, bzero, bscale, out):
+        return
     kind = raw.dtype.kind
     if bscale == 1.0 and kind == "i" and bzero == 2 ** (8 * raw.dtype.itemsize - 1):
         unsigned = raw.view(raw.dtype.str.replace("i", "u"))
         np.bitwise_xor(unsigned, np.array(bzero, dtype=unsigned.dtype.newbyteorder("=")), out=unsigned)
         out[...] = unsigned
-        np.bitwise_xor(unsigned, np.array(bzero, dtype=unsigned.dtype.newbyteorder("=")), out=unsigned)
         return
     if bscale == 1.0 and bzero == 0.0:
         out[...] = raw
         return
     np.multiply(raw, bscale, out=out, casting="unsafe")
     out += np.asarray(bzero, dtype=out.dtype)
+
+
+def _decode_fast(raw: np.ndarray, bzero: float, bscale: float, out: np.ndarray) -> bool:
+    """The compiled one-pass decoders for the common large cases; False if none applies."""
+    if raw.size < _FAST_DECODE_MIN or not (raw.flags.c_contiguous and out.flags.c_contiguous):
+        return False
+    if bscale != 1.0:
+        return False
+    from . import _decode  # noqa: PLC0415 - numba only when big arrays are decoded
+
+    if raw.dtype == np.dtype(">i2") and bzero == 32768 and out.dtype == np.float32:
+        _decode.be_u16_offset_to_f32(raw.view(np.uint16), out)
+        return True
+    if raw.dtype == np.dtype(">i4") and bzero == 2 ** 31 and out.dtype == np.uint32:
+        _decode.be_u32_offset_to_u32(raw.view(np.uint32), out)
+        return True
+    if raw.dtype.itemsize == 4 and bzero == 0 and raw.dtype.kind in "fi" and out.dtype.itemsize == 4 \
+            and (out.dtype.kind == raw.dtype.kind or (raw.dtype.kind == "i" and out.dtype == np.uint32)):
+        _decode.be_u32_to_u32(raw.view(np.uint32), out.view(np.uint32))
+        return True
+    return False
 
 
 def read_image(hdul: fits.HDUList, name: str, path: str | Path, dtype: np.dtype | type | None = None) -> np.ndarray:
