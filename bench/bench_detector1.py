@@ -53,16 +53,17 @@ def worker(kind: str, uncal: str, crds_root: str, outdir: str, repeat: int) -> N
     if kind == "ours":
         from calstream.steps.detector1 import calibrate_file
 
-        run = lambda: calibrate_file(uncal, outdir, fsync=False)  # noqa: E731
+        run = lambda out: calibrate_file(uncal, out, fsync=False)  # noqa: E731
     else:
         os.environ["CRDS_CONTEXT"] = "jwst_0002.pmap"
         from jwst.pipeline import Detector1Pipeline
 
-        run = lambda: Detector1Pipeline.call(uncal, output_dir=outdir, save_results=True)  # noqa: E731
+        run = lambda out: Detector1Pipeline.call(uncal, output_dir=out, save_results=True)  # noqa: E731
     import_seconds = time.perf_counter() - t0
-    for _ in range(repeat):
+    for k in range(repeat):   # each run writes new files, as a new exposure would
+        os.makedirs(os.path.join(outdir, f"run{k}"), exist_ok=True)
         t = time.perf_counter()
-        run()
+        run(os.path.join(outdir, f"run{k}"))
         times.append(time.perf_counter() - t)
     print(json.dumps({"times": times, "import": import_seconds, "maxrss_mb": peak_rss_mb()}))
 
