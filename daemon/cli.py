@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", default=".", help="where products go (default: .)")
     run.add_argument("--config", help="parameter file (jwst-style ASDF or TOML with [steps.<name>])")
     run.add_argument("--crds-context", help="pin the CRDS context (else CRDS_CONTEXT, else the cache's)")
-    run.add_argument("--chunk-rows", type=int, default=256, help="rows processed at a time")
+    run.add_argument("--chunk-rows", type=int, default=None,
+                     help="rows processed at a time (default: calstream.steps.detector1.DEFAULT_CHUNK_ROWS)")
     run.add_argument("--fsync", action="store_true",
                      help="fsync products before renaming them into place (durable against power loss)")
     run.set_defaults(handler=_cmd_run)
@@ -91,7 +92,8 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         started = time.perf_counter()
         result = calibrate_file(args.input, args.output_dir, only_step=only_step, cli_steps=cli_steps,
                                 cli_pipeline=cli_pipeline, parameter_file=args.config,
-                                context=args.crds_context, chunk_rows=args.chunk_rows, fsync=args.fsync)
+                                context=args.crds_context, fsync=args.fsync,
+                                **({"chunk_rows": args.chunk_rows} if args.chunk_rows else {}))
     except InputError as exc:
         return _fail(f"bad input: {exc}", EXIT_INPUT)
     except ReferenceFileError as exc:

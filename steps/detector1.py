@@ -34,7 +34,7 @@ from .references import Reference, open_reference
 log = structlog.get_logger("calstream.steps.detector1")
 
 COMPLETE, SKIPPED = "COMPLETE", "SKIPPED"
-DEFAULT_CHUNK_ROWS = 256
+DEFAULT_CHUNK_ROWS = 128
 #: steps that run before refpix and therefore feed its first pass
 _PRE_REFPIX = ("group_scale", "dq_init", "saturation", "ipc", "superbias")
 
