@@ -2,6 +2,7 @@
 
 ``calstream run calwebb_detector1 X_uncal.fits --output-dir D --steps.jump.rejection_threshold=5``
 ``calstream run jump X_ramp.fits --rejection_threshold=5``
+``calstream run calwebb_image2 X_rate.fits --output-dir D``
 ``calstream synth --out D --crds-path C``
 """
 
@@ -17,7 +18,7 @@ from typing import Any, Sequence
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INPUT, EXIT_REFERENCE, EXIT_NOT_IMPLEMENTED = 0, 1, 2, 3, 4, 5
 
-PIPELINES = ("calwebb_detector1",)
+PIPELINES = ("calwebb_detector1", "calwebb_image2")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a pipeline or a single step on one file",
                          description="Parameters: --steps.<step>.<name>=<value> for pipelines, "
                                      "--<name>=<value> for a single step.")
-    run.add_argument("name", help="calwebb_detector1 or a step name (jump, ramp_fit, ...)")
-    run.add_argument("input", help="input file (uncal, ramp)")
+    run.add_argument("name", help="calwebb_detector1, calwebb_image2 or a detector1 step name (jump, ...)")
+    run.add_argument("input", help="input file (uncal, ramp; rate for calwebb_image2)")
     run.add_argument("--output-dir", default=".", help="where products go (default: .)")
     run.add_argument("--config", help="parameter file (jwst-style ASDF or TOML with [steps.<name>])")
     run.add_argument("--crds-context", help="pin the CRDS context (else CRDS_CONTEXT, else the cache's)")
@@ -87,9 +88,16 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         cli_steps, cli_pipeline = parse_cli_overrides(extra)
         if only_step is not None and cli_pipeline:
             raise ParameterError(f"unknown arguments for step {only_step}: {sorted(cli_pipeline)}")
+        started = time.perf_counter()
+        if args.name == "calwebb_image2":
+            from calstream.steps.image2 import calibrate_rate_file  # noqa: PLC0415
+
+            result = calibrate_rate_file(args.input, args.output_dir, cli_steps=cli_steps,
+                                         cli_pipeline=cli_pipeline, parameter_file=args.config,
+                                         context=args.crds_context)
+            return _report(result, started)
         from calstream.steps.detector1 import calibrate_file  # noqa: PLC0415
 
-        started = time.perf_counter()
         result = calibrate_file(args.input, args.output_dir, only_step=only_step, cli_steps=cli_steps,
                                 cli_pipeline=cli_pipeline, parameter_file=args.config,
                                 context=args.crds_context, fsync=args.fsync,
@@ -104,6 +112,10 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         return _fail(f"bad parameter: {exc}", EXIT_USAGE)
     except CalstreamError as exc:
         return _fail(str(exc), EXIT_FAILURE)
+    return _report(result, started)
+
+
+def _report(result: Any, started: float) -> int:
     for kind, path in result.products.items():
         print(f"{kind:9s} {path}")
     skipped = [s for s, v in result.status.items() if v != "COMPLETE"]

@@ -28,7 +28,7 @@ from .exposure import NEAR_IR, Exposure, crds_parameters, exposure_from_header
 from .fitsio import RowReader, image_layout, open_header
 from .parameters import (DETECTOR1_NIR, NOT_IMPLEMENTED, PIPELINE_CLASS, PIPELINE_KEY, StepSpec,
                          crds_steppars_disabled, pipeline_parameters, read_parameter_file, resolve)
-from .products import Provenance, product_path, write_ramp, write_rate
+from .products import Provenance, carried_sci_cards, product_path, write_ramp, write_rate
 from .references import Reference, open_reference
 
 log = structlog.get_logger("calstream.steps.detector1")
@@ -53,6 +53,7 @@ class RampSource:
     sci: RowReader
     pixeldq: RowReader | None = None
     groupdq: RowReader | None = None
+    sci_cards: Any = None     # pointing/WCS cards of the SCI header, carried to the products
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -101,8 +102,9 @@ def open_ramp_source(path: str | Path) -> RampSource:
         kind, pdq, gdq = "uncal", None, None
         if sci.native_dtype.kind not in "ui":
             raise InputError(path, f"uncal SCI must hold integer DN (uint16), found {sci.native_dtype}")
+    sci_cards = carried_sci_cards(hdul["SCI"].header)
     hdul.close()
-    return RampSource(path, exposure, kind, RowReader(sci), pdq, gdq)
+    return RampSource(path, exposure, kind, RowReader(sci), pdq, gdq, sci_cards)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -716,11 +718,12 @@ def _write_products(source: RampSource, plan: Detector1Plan, uris: dict[str, str
             timer.run("gain_scale", _gain_scale, runner, result, float(exp.gainfact or 1.0))
         products["rate"] = timer.run("write", write_rate, product_path(output_dir, name, "rate"), exp.header,
                                      provenance, result.rate, result.rate_dq, result.rate_var_poisson,
-                                     result.rate_var_rnoise, result.rate_err, fsync=fsync)
+                                     result.rate_var_rnoise, result.rate_err, fsync=fsync,
+                                     sci_cards=source.sci_cards)
         products["rateints"] = timer.run("write", write_rate, product_path(output_dir, name, "rateints"),
                                          exp.header, provenance, result.ints_rate, result.ints_dq,
                                          result.ints_var_poisson, result.ints_var_rnoise, result.ints_err,
-                                         fsync=fsync)
+                                         fsync=fsync, sci_cards=source.sci_cards)
     return products
 
 

@@ -105,17 +105,36 @@ DETECTOR1_NIR: tuple[StepSpec, ...] = (
     StepSpec("gain_scale", "GainScaleStep", "S_GANSCL", ("gain",)),
 )
 
+#: calwebb_image2 (Image2Pipeline) for imaging; resample is off by default here (jwst runs it)
+IMAGE2: tuple[StepSpec, ...] = (
+    StepSpec("bkg_subtract", "BackgroundStep", "S_BKDSUB", ("bkg", "wavelengthrange"),
+             {"save_combined_background": False, "sigma": 3.0, "maxiters": None, "soss_source_percentile": 35.0,
+              "soss_bkg_percentile": None, "wfss_mmag_extract": None, "wfss_maxiter": 5,
+              "wfss_rms_stop": 0.0, "wfss_outlier_percent": 1.0}),
+    StepSpec("assign_wcs", "AssignWcsStep", "S_WCS", ("distortion", "filteroffset"),
+             {"sip_approx": True, "sip_max_pix_error": 0.01, "sip_degree": None, "sip_max_inv_pix_error": 0.01,
+              "sip_inv_degree": None, "sip_npoints": 12, "slit_y_low": -0.55, "slit_y_high": 0.55,
+              "nrs_ifu_slice_wcs": False}),
+    StepSpec("flat_field", "FlatFieldStep", "S_FLAT", ("flat",),
+             {"save_interpolated_flat": False, "user_supplied_flat": None, "inverse": False}),
+    StepSpec("photom", "PhotomStep", "S_PHOTOM", ("photom", "area"),
+             {"inverse": False, "source_type": None, "mrs_time_correction": True, "apply_time_correction": True}),
+    StepSpec("resample", "ResampleStep", "S_RESAMP", (), skip_by_default=True),
+)
+
 #: steps calstream does not implement: running them (skip=False) is an error, never a silent no-op
 NOT_IMPLEMENTED: dict[str, str] = {
+    "resample": "resampling (drizzle to an i2d product) is not implemented in calstream",
     "picture_frame": "NIRSpec thermal picture-frame correction is not implemented in calstream",
     "clean_flicker_noise": "1/f flicker-noise cleaning is not implemented in calstream",
     "persistence": "persistence flagging is not implemented in calstream",
 }
 
-PIPELINE_CLASS = {"calwebb_detector1": "Detector1Pipeline"}
+PIPELINE_CLASS = {"calwebb_detector1": "Detector1Pipeline", "calwebb_image2": "Image2Pipeline"}
 #: key of a parameter layer that holds pipeline-level (not step) parameters
 PIPELINE_KEY = "_pipeline"
-PIPELINE_PARAMETERS = {"calwebb_detector1": {"save_calibrated_ramp": False}}
+PIPELINE_PARAMETERS = {"calwebb_detector1": {"save_calibrated_ramp": False},
+                       "calwebb_image2": {"save_bsub": False}}
 
 
 def step_spec(name: str, pipeline: Iterable[StepSpec] = DETECTOR1_NIR) -> StepSpec:

@@ -82,6 +82,21 @@ def _science_header(source: fits.Header, bunit: str | None) -> fits.Header:
     return header
 
 
+#: SCI-header keywords (jwst's meta.wcsinfo / meta.velocity_aberration) carried from an input
+#: exposure to its products: the pointing that calwebb_image2's assign_wcs needs
+CARRIED_SCI_KEYWORDS = (
+    "WCSAXES", "CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2", "CTYPE1", "CTYPE2", "CUNIT1", "CUNIT2",
+    "CDELT1", "CDELT2", "PC1_1", "PC1_2", "PC2_1", "PC2_2", "RADESYS", "PA_APER", "RA_V1",
+    "DEC_V1", "PA_V3", "VA_SCALE", "VA_RA", "VA_DEC", "V2_REF", "V3_REF", "VPARITY", "V3I_YANG",
+    "RA_REF", "DEC_REF", "ROLL_REF", "XREF_SCI", "YREF_SCI", "S_REGION", "EXTVER", "VELOSYS",
+)
+
+
+def carried_sci_cards(sci_header: fits.Header) -> fits.Header:
+    """The :data:`CARRIED_SCI_KEYWORDS` present in an input's SCI header (order kept)."""
+    return fits.Header([card for card in sci_header.cards if card.keyword in CARRIED_SCI_KEYWORDS])
+
+
 def _image(name: str, array: np.ndarray, header: fits.Header | None = None) -> fits.ImageHDU:
     hdu = fits.ImageHDU(array, header=header, name=name)
     return hdu
@@ -108,11 +123,16 @@ KNOWN_SUFFIXES = frozenset({
 
 def write_rate(path: str | Path, source_header: fits.Header, provenance: Provenance, sci: np.ndarray,
                dq: np.ndarray, var_poisson: np.ndarray, var_rnoise: np.ndarray, err: np.ndarray,
-               fsync: bool = True) -> Path:
-    """A rate (2-D: ImageModel) or rateints (3-D: CubeModel) product, SCI in DN/s."""
+               fsync: bool = True, sci_cards: fits.Header | None = None) -> Path:
+    """A rate (2-D: ImageModel) or rateints (3-D: CubeModel) product, SCI in DN/s.
+
+    ``sci_cards`` (see :func:`carried_sci_cards`) go into the SCI header (pointing / WCS)."""
     path = Path(path)
     model = "ImageModel" if sci.ndim == 2 else "CubeModel"
     science = _science_header(source_header, "DN/s")
+    for card in (sci_cards.cards if sci_cards is not None else ()):
+        if card.keyword not in science:
+            science.append(card)
     hdul = fits.HDUList([
         fits.PrimaryHDU(header=primary_header(source_header, model, path.name, provenance)),
         _image("SCI", _f32(sci), science),

@@ -30,6 +30,7 @@ from typing import Iterable, Mapping, Sequence
 
 from .detector import (DETECTORS, GAIN_CHANGE, DetectorParams, GainChange, ReadPattern,
                        pixel_maps, subarray_for)
+from .stage2 import IMAGE2_NA_TYPES, STAGE2_PARKEYS, write_stage2_references
 from .references import (PARS_REFERENCES, RefRecipe, existing_recipe_key, pars_name,
                          reference_name, write_pars, write_reference)
 
@@ -84,6 +85,12 @@ REFTYPE_SPECS: dict[tuple[str, str], RefTypeSpec] = {
         (TSO,), ".asdf", "Step parameters for Detector1Pipeline"),
     ("nircam", "pars-jumpstep"): RefTypeSpec((), ".asdf", "JumpStep runtime parameters"),
 }
+
+#: calwebb_image2 reference types written by :mod:`.stage2`
+STAGE2_SPECS: dict[tuple[str, str], RefTypeSpec] = {
+    ("nircam", reftype): RefTypeSpec(parkeys, ".asdf" if reftype in ("distortion", "filteroffset") else ".fits",
+                                     reftype)
+    for reftype, parkeys in STAGE2_PARKEYS.items()}
 
 #: Reference types Detector1Pipeline asks CRDS for on a NIRCam image that the synthetic
 #: cache declares N/A (jwst then skips the step / uses step defaults).
@@ -357,8 +364,9 @@ class CrdsCacheInfo:
     contexts: list[str]
     operational_context: str
     references: dict[str, Path]     # basename -> path
-    written: list[str]              # basenames (re)written by this call
+    written: list[str]              # basenames (re)written by this call (stage-1 types and pars)
     spec: CacheSpec
+    stage2_written: list[str] = field(default_factory=list)   # calwebb_image2 references written
 
 
 DEFAULT_DARK_FRAMES = 10
@@ -408,6 +416,20 @@ def synthetic_rules(spec: CacheSpec, change: GainChange = GAIN_CHANGE
         match = ("F",) if REFTYPE_SPECS[("nircam", reftype)].parkeys else ()
         base.append(RuleRow(reftype, match, PARS_USEAFTER, pars_name(reftype)))
     return base, base + extra, recipes
+
+
+def _stage2_rows(refdir: Path, spec: CacheSpec, references: dict[str, Path], written: list[str],
+                 force: bool) -> list[RuleRow]:
+    """Write the calwebb_image2 references of ``spec.detectors`` (see :mod:`.stage2`); their rules."""
+    before = {p.name for p in refdir.iterdir()}
+    rows = write_stage2_references(refdir, spec.detectors, seed=spec.seed, force=force)
+    out = []
+    for reftype, match, name in rows:
+        references[name] = refdir / name
+        if force or name not in before:
+            written.append(name)
+        out.append(RuleRow(reftype, match, USEAFTER, name))
+    return out
 
 
 def _read_manifest(root: Path) -> CacheSpec | None:
@@ -479,13 +501,16 @@ def build_crds_cache(root: str | os.PathLike, *, detectors: Sequence[str] = ("NR
         references[path.name] = path
         if write_pars(reftype, path):
             written.append(path.name)
-    contexts = write_contexts(root, [ctx1 + list(extra_rules), ctx2 + list(extra_rules)],
-                              na_types={"nircam": DETECTOR1_NA_TYPES})
+    stage2_written: list[str] = []
+    stage2 = _stage2_rows(refdir, spec, references, stage2_written, force)
+    contexts = write_contexts(root, [ctx1 + stage2 + list(extra_rules), ctx2 + stage2 + list(extra_rules)],
+                              na_types={"nircam": DETECTOR1_NA_TYPES + IMAGE2_NA_TYPES}, specs=STAGE2_SPECS)
     write_server_config(root, contexts)
     _write_manifest(root, spec)
     clear_crds_caches()
     return CrdsCacheInfo(root=root, contexts=contexts, operational_context=contexts[-1],
-                         references=references, written=written, spec=spec)
+                         references=references, written=written, spec=spec,
+                         stage2_written=stage2_written)
 
 
 __all__ = [
