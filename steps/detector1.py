@@ -22,12 +22,12 @@ import numpy as np
 import structlog
 
 from . import dqflags
-from .crdsrefs import NOT_APPLICABLE, context_name, crds_version, reference_uri, select_references
-from .errors import InputError, ParameterError, ReferenceFileError, StepNotImplementedError
+from .crdsrefs import NOT_APPLICABLE, context_name, crds_version, reference_uri
+from .errors import InputError, ParameterError, StepNotImplementedError
 from .exposure import NEAR_IR, Exposure, crds_parameters, exposure_from_header
 from .fitsio import RowReader, image_layout, open_header
-from .parameters import (DETECTOR1_NIR, NOT_IMPLEMENTED, PIPELINE_CLASS, PIPELINE_KEY, StepSpec,
-                         crds_steppars_disabled, pipeline_parameters, read_parameter_file, resolve)
+from .parameters import DETECTOR1_NIR, NOT_IMPLEMENTED, StepSpec
+from .planning import resolve_parameters, select_step_references
 from .products import Provenance, carried_sci_cards, product_path, write_ramp, write_rate
 from .references import Reference, open_reference
 
@@ -145,60 +145,17 @@ def plan_detector1(exposure: Exposure, *, only_step: str | None = None,
     steps = DETECTOR1_NIR if only_step is None else tuple(s for s in DETECTOR1_NIR if s.name == only_step)
     if not steps:
         raise ParameterError(f"unknown step {only_step!r}; known: " + ", ".join(s.name for s in DETECTOR1_NIR))
-    names = [s.name for s in steps]
     ctx = context_name(context)
     params_crds = crds_parameters(exposure.header)
-    layers: list[tuple[str, Mapping[str, Mapping[str, Any]]]] = []
-    sources: list[str] = ["defaults"]
-    if not crds_steppars_disabled():
-        for source, layer in _crds_parameter_layers(params_crds, steps, only_step is None, ctx, names):
-            layers.append((source, layer))
-            sources.append(source)
-    if parameter_file:
-        layers.append((str(parameter_file), read_parameter_file(parameter_file, names)))
-        sources.append(str(parameter_file))
-    if cli_steps:
-        layers.append(("command line", cli_steps))
-        sources.append("command line")
-    params = resolve(steps, layers)
-    pipeline_layers = [(src, layer.get(PIPELINE_KEY, {})) for src, layer in layers]
-    pipeline_layers.append(("command line", dict(cli_pipeline or {})))
-    pipeline_params = pipeline_parameters("calwebb_detector1", pipeline_layers) if only_step is None else {}
+    params, pipeline_params, sources = resolve_parameters(
+        steps, "calwebb_detector1" if only_step is None else None, params_crds, ctx, parameter_file,
+        cli_steps, cli_pipeline)
     status, reasons = _step_statuses(exposure, steps, params)
-    references = _select_step_references(exposure, steps, params, status, params_crds, ctx)
+    references = select_step_references(steps, params, status, params_crds, ctx)
     if "ipc" in status and status["ipc"] == COMPLETE and references.get("ipc") == NOT_APPLICABLE:
         status["ipc"], reasons["ipc"] = SKIPPED, "CRDS gives N/A for the ipc reference"
     return Detector1Plan(exposure, steps, params, status, reasons, references, ctx,
                          "calwebb_detector1" if only_step is None else None, pipeline_params, sources)
-
-
-def _crds_parameter_layers(params_crds: Mapping[str, Any], steps: tuple[StepSpec, ...], with_pipeline: bool,
-                           context: str, names: list[str]) -> Iterator[tuple[str, dict[str, dict[str, Any]]]]:
-    """The pars-* references CRDS selects, each as a parameter layer (step refs, then pipeline)."""
-    reftypes = [s.pars_reftype for s in steps]
-    if with_pipeline:
-        reftypes.append("pars-" + PIPELINE_CLASS["calwebb_detector1"].lower())
-    found = _select_optional(params_crds, reftypes, context)
-    for reftype in reftypes:
-        path = found.get(reftype, NOT_APPLICABLE)
-        if path != NOT_APPLICABLE:
-            yield f"CRDS {reftype} {Path(path).name}", read_parameter_file(path, names)
-
-
-def _select_optional(params: Mapping[str, Any], reftypes: list[str], context: str) -> dict[str, str]:
-    """Like select_references, but a type the context does not define is simply N/A."""
-    try:
-        return select_references(params, reftypes, context)
-    except ReferenceFileError:
-        out: dict[str, str] = {}
-        for reftype in reftypes:
-            try:
-                out.update(select_references(params, [reftype], context))
-            except ReferenceFileError as exc:
-                if "not available in the local" in exc.problem:
-                    raise
-                out[reftype] = NOT_APPLICABLE
-        return out
 
 
 def _step_statuses(exposure: Exposure, steps: tuple[StepSpec, ...],
@@ -218,30 +175,6 @@ def _step_statuses(exposure: Exposure, steps: tuple[StepSpec, ...],
     if status.get("gain_scale") == COMPLETE and exposure.gainfact is None:
         status["gain_scale"], reasons["gain_scale"] = SKIPPED, "no GAINFACT keyword"
     return status, reasons
-
-
-def _select_step_references(exposure: Exposure, steps: tuple[StepSpec, ...], params: Mapping[str, Mapping[str, Any]],
-                            status: Mapping[str, str], params_crds: Mapping[str, Any], context: str) -> dict[str, str]:
-    """``{reftype: path | N/A}`` for the running steps; overrides win over CRDS."""
-    wanted: dict[str, str | None] = {}
-    for spec in steps:
-        if status.get(spec.name) != COMPLETE:
-            continue
-        for reftype in spec.reftypes:
-            override = params[spec.name].get(f"override_{reftype}")
-            if override is not None:
-                _check_override(reftype, str(override))
-                wanted[reftype] = str(override)
-            else:
-                wanted.setdefault(reftype, None)
-    from_crds = [r for r, v in wanted.items() if v is None]
-    selected = select_references(params_crds, from_crds, context) if from_crds else {}
-    return {r: (v if v is not None else selected[r]) for r, v in wanted.items()}
-
-
-def _check_override(reftype: str, value: str) -> None:
-    if value.upper() != NOT_APPLICABLE and not Path(value).is_file():
-        raise ReferenceFileError(reftype, "override file does not exist", value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,11 +24,11 @@ import structlog
 from astropy.io import fits
 
 from . import dqflags
-from .crdsrefs import NOT_APPLICABLE, context_name, crds_version, reference_uri, select_references
+from .crdsrefs import NOT_APPLICABLE, context_name, crds_version, reference_uri
 from .errors import InputError, ReferenceFileError, StepNotImplementedError
 from .exposure import crds_parameters
-from .parameters import (IMAGE2, NOT_IMPLEMENTED, PIPELINE_CLASS, PIPELINE_KEY, StepSpec,
-                         crds_steppars_disabled, pipeline_parameters, read_parameter_file, resolve)
+from .parameters import IMAGE2, NOT_IMPLEMENTED, StepSpec
+from .planning import resolve_parameters, select_step_references
 from .products import product_path
 
 log = structlog.get_logger("calstream.steps.image2")
@@ -351,30 +351,10 @@ def plan_image2(primary: fits.Header, *, cli_steps: Mapping[str, Mapping[str, An
                 context: str | None = None) -> Image2Plan:
     """Resolve parameters (defaults < CRDS pars-* < file < command line), statuses and references."""
     steps = IMAGE2
-    names = [s.name for s in steps]
     ctx = context_name(context)
     params_crds = crds_parameters(primary)
-    layers: list[tuple[str, Mapping[str, Mapping[str, Any]]]] = []
-    sources = ["defaults"]
-    if not crds_steppars_disabled():
-        reftypes = [s.pars_reftype for s in steps] + ["pars-" + PIPELINE_CLASS[PIPELINE].lower()]
-        found = _select_optional(params_crds, reftypes, ctx)
-        for reftype in reftypes:
-            path = found.get(reftype, NOT_APPLICABLE)
-            if path != NOT_APPLICABLE:
-                source = f"CRDS {reftype} {Path(path).name}"
-                layers.append((source, read_parameter_file(path, names)))
-                sources.append(source)
-    if parameter_file:
-        layers.append((str(parameter_file), read_parameter_file(parameter_file, names)))
-        sources.append(str(parameter_file))
-    if cli_steps:
-        layers.append(("command line", cli_steps))
-        sources.append("command line")
-    params = resolve(steps, layers)
-    pipeline_layers = [(src, layer.get(PIPELINE_KEY, {})) for src, layer in layers]
-    pipeline_layers.append(("command line", dict(cli_pipeline or {})))
-    pipeline_params = pipeline_parameters(PIPELINE, pipeline_layers)
+    params, pipeline_params, sources = resolve_parameters(steps, PIPELINE, params_crds, ctx, parameter_file,
+                                                          cli_steps, cli_pipeline)
     status, reasons = {}, {}
     for spec in steps:
         if params[spec.name]["skip"]:
@@ -390,48 +370,14 @@ def plan_image2(primary: fits.Header, *, cli_steps: Mapping[str, Mapping[str, An
         raise StepNotImplementedError("inverse flat_field/photom is not implemented in calstream")
     if params["flat_field"].get("user_supplied_flat"):
         params["flat_field"]["override_flat"] = params["flat_field"]["user_supplied_flat"]
-    references = _references(steps, params, status, params_crds, ctx)
+    references = select_step_references(steps, params, status, params_crds, ctx,
+                                        optional=("filteroffset", "area"))
     for step, reftype in (("assign_wcs", "distortion"), ("flat_field", "flat"), ("photom", "photom")):
         if status.get(step) == COMPLETE and references.get(reftype) == NOT_APPLICABLE:
             if step == "assign_wcs":
                 raise ReferenceFileError("distortion", f"CRDS {ctx} gives N/A: no imaging WCS can be built")
             status[step], reasons[step] = SKIPPED, f"CRDS gives N/A for the {reftype} reference"
     return Image2Plan(steps, params, status, reasons, references, ctx, pipeline_params, sources)
-
-
-def _select_optional(params: Mapping[str, Any], reftypes: list[str], context: str) -> dict[str, str]:
-    """select_references where a type the context lacks is simply N/A."""
-    out: dict[str, str] = {}
-    for reftype in reftypes:
-        try:
-            out.update(select_references(params, [reftype], context))
-        except ReferenceFileError as exc:
-            if "not available in the local" in exc.problem:
-                raise
-            out[reftype] = NOT_APPLICABLE
-    return out
-
-
-def _references(steps: tuple[StepSpec, ...], params: Mapping[str, Mapping[str, Any]], status: Mapping[str, str],
-                params_crds: Mapping[str, Any], context: str) -> dict[str, str]:
-    wanted: dict[str, str | None] = {}
-    for spec in steps:
-        if status.get(spec.name) != COMPLETE:
-            continue
-        for reftype in spec.reftypes:
-            override = params[spec.name].get(f"override_{reftype}")
-            if override is not None:
-                if str(override).upper() != NOT_APPLICABLE and not Path(str(override)).is_file():
-                    raise ReferenceFileError(reftype, "override file does not exist", str(override))
-                wanted[reftype] = str(override)
-            else:
-                wanted.setdefault(reftype, None)
-    optional = {"filteroffset", "area"}
-    required = [r for r, v in wanted.items() if v is None and r not in optional]
-    selected = select_references(params_crds, required, context) if required else {}
-    selected.update(_select_optional(params_crds, [r for r, v in wanted.items() if v is None and r in optional],
-                                     context))
-    return {r: (v if v is not None else selected[r]) for r, v in wanted.items()}
 
 
 # ---------------------------------------------------------------------------------------------
