@@ -1,14 +1,22 @@
 """Benchmark calstream's ramp_fit kernel against stcal's OLS_C on the same arrays.
 
 Usage: python bench/bench_ramp_fit.py [--nints 1 --ngroups 10 --ny 2048 --nx 2048 --chunk 128]
+                                      [--baseline REV] [--no-stcal]
 Prints our time (whole frame in one call, and in row chunks written into a full-frame
 result), stcal's time (single core), their ratio, and whether the products agree.
+--baseline REV also times steps/ramp_fit.py as of git revision REV (e.g. HEAD) on the same
+arrays, interleaved with ours (before/after numbers in the same machine state), and checks
+that both give the same bits. Run it pinned to one core: taskset -c 0 python bench/...
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -66,6 +74,37 @@ def run_stcal(data, gdq, pdq, rn, gain, frame_time, group_time, nframes=1, group
     return srf.ramp_fit_data(rd, False, rn.copy(), gain.copy(), "OLS_C", "optimal", "1")
 
 
+_OUTPUTS = ("rate", "rate_dq", "rate_var_poisson", "rate_var_rnoise", "rate_err",
+            "ints_rate", "ints_dq", "ints_var_poisson", "ints_var_rnoise", "ints_err")
+
+
+def load_baseline(rev: str):
+    """steps/ramp_fit.py as of git revision ``rev``, imported as a sibling module of ours (its
+    numba cache lives in bench-output/, so only the first run for a revision compiles)."""
+    root = Path(__file__).resolve().parents[1]
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=root, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    src = subprocess.run(["git", "show", f"{sha}:steps/ramp_fit.py"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    path = root / "bench-output" / f"ramp_fit_{sha}.py"
+    path.parent.mkdir(exist_ok=True)
+    if not path.exists() or path.read_text() != src:
+        path.write_text(src)
+    name = f"calstream.steps._ramp_fit_{sha}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return sha, module
+
+
+def same_bits(a, b) -> bool:
+    """Whether two results hold the same bits in every output array."""
+    def bits(x):
+        return x.view(np.uint32) if x.dtype == np.float32 else x
+    return all(np.array_equal(bits(getattr(a, n)), bits(getattr(b, n))) for n in _OUTPUTS)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--nints", type=int, default=1)
@@ -74,45 +113,68 @@ def main() -> None:
     ap.add_argument("--nx", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs each")
+    ap.add_argument("--baseline", metavar="REV", help="also time steps/ramp_fit.py of this git "
+                    "revision (e.g. HEAD)")
+    ap.add_argument("--no-stcal", action="store_true", help="skip stcal (it takes seconds)")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
     data, gdq, pdq, rn, gain, ft, gt = make_exposure(rng, args.nints, args.ngroups, args.ny, args.nx)
-    params = rf.RampFitParameters()
-    fit = lambda out=None, sl=slice(None), off=0: rf.fit_ramps(  # noqa: E731
-        data[:, :, sl], gdq[:, :, sl], pdq[sl], rn[sl], gain[sl], ft, gt, 1, 0, 0, params, out, off)
+    modules = {"calstream": rf}
+    if args.baseline:
+        sha, modules[f"baseline {sha}"] = load_baseline(args.baseline)
 
-    fit(sl=slice(0, 2))  # compile / load the numba cache
+    def fit(mod, out=None, sl=slice(None), off=0):
+        return mod.fit_ramps(data[:, :, sl], gdq[:, :, sl], pdq[sl], rn[sl], gain[sl], ft, gt, 1,
+                             0, 0, mod.RampFitParameters(), out, off)
 
-    def chunked():
-        out = rf.RampFitResult.empty(args.nints, args.ny, args.nx)
-        for r0 in range(0, args.ny, args.chunk):
-            fit(out, slice(r0, min(r0 + args.chunk, args.ny)), r0)
+    def chunked(mod):
+        out = mod.RampFitResult.empty(args.nints, args.ny, args.nx)
+        for r0 in range(0, args.ny, args.chunk):  # row views of the frame: no copies
+            fit(mod, out, slice(r0, min(r0 + args.chunk, args.ny)), r0)
         return out
 
+    for mod in modules.values():
+        fit(mod, sl=slice(0, 2))  # compile / load the numba cache
+
     # interleave the runs and keep each one's best time: other load on the machine only adds
-    t_ours = t_chunk = t_stcal = np.inf
+    best: dict[str, float] = {}
+    results: dict[str, object] = {}
     for _ in range(args.repeat):
-        t, ours = _timed(fit)
-        t_ours = min(t_ours, t)
-        t, ours_chunked = _timed(chunked)
-        t_chunk = min(t_chunk, t)
-        t, (image, integ, _) = _timed(lambda: run_stcal(data, gdq, pdq, rn, gain, ft, gt))
-        t_stcal = min(t_stcal, t)
+        for name, mod in modules.items():
+            for label, func in ((f"{name} (one call)", lambda: fit(mod)),
+                                (f"{name} ({args.chunk}-row chunks)", lambda: chunked(mod))):
+                t, results[label] = _timed(func)
+                best[label] = min(best.get(label, np.inf), t)
+        if not args.no_stcal:
+            t, results["stcal"] = _timed(lambda: run_stcal(data, gdq, pdq, rn, gain, ft, gt))
+            best["stcal"] = min(best.get("stcal", np.inf), t)
 
     shape = f"{args.nints}x{args.ngroups}x{args.ny}x{args.nx}"
-    print(f"ramp_fit {shape}, single core")
-    print(f"  calstream (one call) : {t_ours:8.3f} s")
-    print(f"  calstream ({args.chunk}-row chunks): {t_chunk:8.3f} s")
-    print(f"  stcal OLS_C          : {t_stcal:8.3f} s")
-    print(f"  speed-up             : {t_stcal / t_ours:8.1f} x (chunked {t_stcal / t_chunk:.1f} x)")
-    same = all(np.array_equal(a, b, equal_nan=True) for a, b in (
-        (ours.rate, image["slope"]), (ours.rate_dq, image["dq"]), (ours.rate_err, image["err"]),
-        (ours.rate_var_poisson, image["var_poisson"]), (ours.rate_var_rnoise, image["var_rnoise"]),
-        (ours.ints_rate, integ["slope"]), (ours.ints_dq, integ["dq"]), (ours.ints_err, integ["err"])))
-    chunk_same = np.array_equal(ours.rate, ours_chunked.rate, equal_nan=True) and \
-        np.array_equal(ours.ints_dq, ours_chunked.ints_dq)
-    print(f"  bit-identical to stcal: {same}; chunked == one call: {chunk_same}")
+    print(f"ramp_fit {shape}, single core (best of {args.repeat})")
+    for label, t in best.items():
+        label = "stcal OLS_C" if label == "stcal" else label
+        print(f"  {label:38s}: {t:8.3f} s")
+    ours, ours_chunked = results["calstream (one call)"], results[f"calstream ({args.chunk}-row chunks)"]
+    t_ours, t_chunk = best["calstream (one call)"], best[f"calstream ({args.chunk}-row chunks)"]
+    if not args.no_stcal:
+        t_stcal = best["stcal"]
+        print(f"  speed-up vs stcal                     : {t_stcal / t_ours:8.1f} x "
+              f"(chunked {t_stcal / t_chunk:.1f} x)")
+        image, integ, _ = results["stcal"]
+        same = all(np.array_equal(a, b, equal_nan=True) for a, b in (
+            (ours.rate, image["slope"]), (ours.rate_dq, image["dq"]), (ours.rate_err, image["err"]),
+            (ours.rate_var_poisson, image["var_poisson"]), (ours.rate_var_rnoise, image["var_rnoise"]),
+            (ours.ints_rate, integ["slope"]), (ours.ints_dq, integ["dq"]),
+            (ours.ints_err, integ["err"])))
+        print(f"  bit-identical to stcal: {same}")
+    if args.baseline:
+        base = f"baseline {sha}"
+        t_base, t_base_chunk = best[f"{base} (one call)"], best[f"{base} ({args.chunk}-row chunks)"]
+        print(f"  speed-up vs {base:25s}: {t_base / t_ours:8.2f} x (chunked "
+              f"{t_base_chunk / t_chunk:.2f} x); same bits: "
+              f"{same_bits(ours, results[f'{base} (one call)'])}")
+    print(f"  chunked == one call: {same_bits(ours, ours_chunked)}")
 
 
 def _timed(func):

@@ -237,6 +237,147 @@ def test_chunk_must_fit_output():
                      rf.RampFitParameters(), out, 3)
 
 
+_OUTPUTS = ("rate", "rate_dq", "rate_var_poisson", "rate_var_rnoise", "rate_err",
+            "ints_rate", "ints_dq", "ints_var_poisson", "ints_var_rnoise", "ints_err")
+
+
+def _bits(arr):
+    """The array's bit patterns (so that NaN payloads and -0.0 count)."""
+    return arr.view(np.uint32) if arr.dtype == np.float32 else arr
+
+
+@pytest.mark.parametrize("nints, ngroups", [(1, 3), (1, 10), (1, 20), (3, 10), (2, 5)])
+def test_vectorized_and_per_pixel_paths_agree_bitwise(nints, ngroups):
+    # Unflagged ramps take the block-vectorized path; a PERSISTENCE flag, which changes nothing
+    # in the fit, sends the same ramps through the per-pixel one (for nints > 1: only the
+    # flagged integration). The numbers must agree bit for bit, the DQ differ by PERSISTENCE.
+    rng = np.random.default_rng(ngroups * 10 + nints)
+    ny, nx = 6, 150  # more than one block of pixels
+    data, _, pdq, rn, gain, ft, gt = _make_ramps(rng, nints, ngroups, ny, nx)
+    data = np.nan_to_num(data, nan=7.0)
+    clean = np.zeros(data.shape, np.uint8)
+    pers = clean.copy()
+    pers[nints // 2, rng.integers(0, ngroups, (ny, nx)), np.arange(ny)[:, None], np.arange(nx)] = \
+        F.PIXEL["PERSISTENCE"]
+    pers[:, :, :, ::7] = 0  # some pixels stay on the vectorized path
+    params = rf.RampFitParameters()
+    a = rf.fit_ramps(data, clean, pdq, rn, gain, ft, gt, 1, 0, 0, params)
+    b = rf.fit_ramps(data, pers, pdq, rn, gain, ft, gt, 1, 0, 0, params)
+    for name in _OUTPUTS:
+        if name.endswith("dq"):
+            continue
+        np.testing.assert_array_equal(_bits(getattr(a, name)), _bits(getattr(b, name)), err_msg=name)
+    p = np.uint32(F.PIXEL["PERSISTENCE"])
+    flagged = pers.any(axis=1)
+    np.testing.assert_array_equal(b.ints_dq, a.ints_dq | np.where(flagged, p, 0))
+    np.testing.assert_array_equal(b.rate_dq, a.rate_dq | np.where(flagged.any(axis=0), p, 0))
+    assert np.isfinite(a.rate).mean() > 0.8
+
+
+def _special_ramps(seed, nints, ngroups, ny=24, nx=40):
+    """_make_ramps plus CHARGELOSS groups, a dark current and a ZEROFRAME."""
+    rng = np.random.default_rng(seed)
+    data, gdq, pdq, rn, gain, ft, gt = _make_ramps(rng, nints, ngroups, ny, nx)
+    fq = gdq.reshape(nints, ngroups, -1)
+    for _ in range(ny * nx // 10):
+        i, p, g = rng.integers(nints), rng.integers(fq.shape[2]), rng.integers(ngroups)
+        fq[i, g:, p] |= F.CHARGELOSS | (DNU if rng.random() < 0.8 else 0)
+    dark = rng.uniform(0, 0.5, (ny, nx)).astype(np.float32)
+    zf = (data[:, 0] * 0.5).astype(np.float32)
+    return (data, gdq, pdq, rn, gain, ft, gt), dict(dark_current=dark, zeroframe=zf)
+
+
+@pytest.mark.parametrize("suppress", [True, False])
+def test_single_integration_rate_arrays_vs_rateints(suppress):
+    # With one integration, SCI, DQ and VAR_POISSON equal the rateints ones bit for bit (what
+    # share_single_integration relies on). ERR is another formula (sqrt(var_p + var_r) vs the
+    # segments' combined total variance), and VAR_RNOISE differs where the CHARGELOSS pass
+    # leaves the rate value but zeroes the integration's (both as in stcal).
+    args, kw = _special_ramps(3, 1, 8)
+    res = rf.fit_ramps(*args, 1, 0, 0, rf.RampFitParameters(suppress_one_group=suppress), **kw)
+    for rate_name, ints_name in (("rate", "ints_rate"), ("rate_dq", "ints_dq"),
+                                 ("rate_var_poisson", "ints_var_poisson")):
+        np.testing.assert_array_equal(_bits(getattr(res, rate_name)),
+                                      _bits(getattr(res, ints_name)[0]), err_msg=rate_name)
+    assert not np.array_equal(res.rate_err, res.ints_err[0])
+    if not suppress:
+        assert not np.array_equal(res.rate_var_rnoise, res.ints_var_rnoise[0])
+
+
+@pytest.mark.parametrize("nints", [1, 2])
+def test_share_single_integration(nints):
+    args, kw = _special_ramps(4, nints, 7)
+    data, gdq, pdq, rn, gain = args[:5]
+    ny, nx = pdq.shape
+    params = rf.RampFitParameters()
+    ref = rf.fit_ramps(*args, 1, 0, 0, params, **kw)
+    shared = rf.RampFitResult.empty(nints, ny, nx, share_single_integration=True)
+    assert shared.shares_single_integration == (nints == 1)
+    assert not rf.RampFitResult.empty(nints, ny, nx).shares_single_integration
+    for r0 in range(0, ny, 5):  # chunked, as the driver calls it
+        sl = slice(r0, r0 + 5)
+        rf.fit_ramps(data[:, :, sl], gdq[:, :, sl], pdq[sl], rn[sl], gain[sl], *args[5:], 1, 0, 0,
+                     params, shared, r0, dark_current=kw["dark_current"][sl],
+                     zeroframe=kw["zeroframe"][:, sl])
+    for name in _OUTPUTS:
+        np.testing.assert_array_equal(_bits(getattr(shared, name)), _bits(getattr(ref, name)),
+                                      err_msg=name)
+    if nints == 1:
+        assert np.shares_memory(shared.rate_dq, shared.ints_dq)
+        assert np.shares_memory(shared.rate_var_poisson, shared.ints_var_poisson)
+        assert not np.shares_memory(shared.rate_err, shared.ints_err)
+        assert not np.shares_memory(shared.rate_var_rnoise, shared.ints_var_rnoise)
+
+
+def test_chunk_views_use_the_one_compiled_kernel():
+    # the driver passes non-contiguous row views of a chunk buffer: no copy, no new signature
+    rng = np.random.default_rng(8)
+    data, gdq, pdq, rn, gain, ft, gt = _make_ramps(rng, 2, 5, 20, 30)
+    buf = np.zeros((2, 5, 26, 30), np.float32)
+    buf[:, :, 3:23] = data
+    qbuf = np.zeros(buf.shape, np.uint8)
+    qbuf[:, :, 3:23] = gdq
+    view, qview = buf[:, :, 3:23], qbuf[:, :, 3:23]
+    assert not view.flags.c_contiguous
+    params = rf.RampFitParameters()
+    out = rf.RampFitResult.empty(2, 40, 30)
+    rf.fit_ramps(view, qview, pdq, rn, gain, ft, gt, 1, 0, 0, params, out, 10)
+    ref = rf.fit_ramps(data, gdq, pdq, rn, gain, ft, gt, 1, 0, 0, params)
+    for name in _OUTPUTS:
+        np.testing.assert_array_equal(_bits(getattr(out, name)[..., 10:30, :]),
+                                      _bits(getattr(ref, name)), err_msg=name)
+    assert len(rf._compiled("fit_rows").signatures) == 1
+
+
+def test_outputs_must_be_c_contiguous():
+    data = np.zeros((1, 3, 2, 3), np.float32)
+    out = rf.RampFitResult.empty(1, 2, 6)
+    out = rf.RampFitResult(**{f: (getattr(out, f)[..., ::2] if f == "rate_err" else getattr(out, f)[..., :3])
+                              for f in _OUTPUTS})
+    with pytest.raises(ValueError, match="C-contiguous"):
+        rf.fit_ramps(data, np.zeros(data.shape, np.uint8), np.zeros((2, 3), np.uint32),
+                     np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), 1.0, 1.0, 1, 0, 0,
+                     rf.RampFitParameters(), out, 0)
+
+
+def test_median_network_keeps_the_middle_values():
+    assert len(rf._median_network(1)) == 0 and len(rf._median_network(rf._MAX_ROW_NETWORK + 1)) == 0
+    for n in range(2, rf._MAX_ROW_NETWORK + 1):
+        pairs = rf._median_network(n)
+        rng = np.random.default_rng(n)
+        vals = np.round(rng.normal(size=(n, 40)) * 3)
+        work = vals.copy()
+        for a, b in pairs:
+            lo, hi = np.minimum(work[a], work[b]), np.maximum(work[a], work[b])
+            work[a], work[b] = lo, hi
+        srt = np.sort(vals, axis=0)
+        m = n >> 1
+        np.testing.assert_array_equal(work[m], srt[m])
+        if n % 2 == 0:
+            np.testing.assert_array_equal(work[m - 1], srt[m - 1])
+        assert 0 < len(pairs) <= len(rf._sorting_network(n))
+
+
 @pytest.mark.parametrize("n", list(range(0, 40)) + [100, 300])
 def test_median_matches_numpy(n):
     rng = np.random.default_rng(n)
