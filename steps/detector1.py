@@ -315,7 +315,9 @@ class _ChunkRunner:
         fit = self.plan.runs("ramp_fit")
         keep_ramp = not fit or bool(self.plan.pipeline_params.get("save_calibrated_ramp"))
         if fit:
-            self.ramp_result = self._kernels["ramp_fit"].RampFitResult.empty(nints, ny, nx)
+            # rate may alias rateints[0] (one integration) unless gain_scale rescales both afterwards
+            self.ramp_result = self._kernels["ramp_fit"].RampFitResult.empty(
+                nints, ny, nx, share_single_integration=not self.plan.runs("gain_scale"))
         if keep_ramp:
             self.ramp_arrays = (np.empty((nints, ngroups, ny, nx), np.float32),
                                 np.empty((nints, ngroups, ny, nx), np.uint8), np.empty((ny, nx), np.uint32))
