@@ -6,11 +6,8 @@ headers and pointing), so this file does not depend on running detector1.
 
 from __future__ import annotations
 
-import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -230,22 +227,11 @@ def test_skipped_flat_leaves_no_var_flat(rate_file: Path, tmp_path: Path) -> Non
 # Parity with jwst's Image2Pipeline (resample skipped)
 # ---------------------------------------------------------------------------------------------
 
-@contextmanager
-def _crds_env(root: Path) -> Iterator[None]:
-    from calstream.steps.synth.crds_cache import clear_crds_caches
+def _crds_env(root: Path):
+    """CRDS_PATH=root and CRDS_CONTEXT pinned for jwst (calstream also gets context=...)."""
+    from calstream.steps.synth.crds_cache import pinned_crds_env
 
-    saved = {k: os.environ.get(k) for k in ("CRDS_PATH", "CRDS_CONTEXT")}
-    os.environ["CRDS_PATH"], os.environ["CRDS_CONTEXT"] = str(root), CONTEXT
-    clear_crds_caches()
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        clear_crds_caches()
+    return pinned_crds_env(root, CONTEXT)
 
 
 PARITY_CASES = [("NRCA1", "SUB160", None), ("NRCB1", "SUB640", 1.00003)]

@@ -29,10 +29,8 @@ Run with ``-s`` to see the measured numbers (also stored with ``record_property`
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -41,7 +39,6 @@ from astropy.io import fits
 from calstream.steps import dqflags
 from calstream.steps.detector1 import calibrate_file
 from calstream.steps.synth import generate_observation
-from calstream.steps.synth.crds_cache import clear_crds_caches
 
 pytestmark = pytest.mark.parity
 
@@ -91,22 +88,11 @@ class CaseRun:
     calstream: Products
 
 
-@contextmanager
-def _crds_env(root: Path) -> Iterator[None]:
+def _crds_env(root: Path):
     """CRDS_PATH=root and CRDS_CONTEXT pinned for jwst (calstream also gets context=...)."""
-    saved = {k: os.environ.get(k) for k in ("CRDS_PATH", "CRDS_CONTEXT")}
-    os.environ["CRDS_PATH"] = str(root)
-    os.environ["CRDS_CONTEXT"] = CONTEXT
-    clear_crds_caches()
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        clear_crds_caches()
+    from calstream.steps.synth.crds_cache import pinned_crds_env
+
+    return pinned_crds_env(root, CONTEXT)
 
 
 def _run_jwst(uncal: Path, out: Path) -> Products:

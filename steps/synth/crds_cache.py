@@ -24,9 +24,10 @@ import json
 import os
 import sys
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from .detector import (DETECTORS, GAIN_CHANGE, DetectorParams, GainChange, ReadPattern,
                        pixel_maps, subarray_for)
@@ -326,6 +327,24 @@ def clear_crds_caches() -> None:
     if "crds" in sys.modules:
         from crds.core import utils as crds_utils
         crds_utils.clear_function_caches()
+
+
+@contextmanager
+def pinned_crds_env(root: str | os.PathLike, context: str) -> Iterator[None]:
+    """CRDS_PATH=root and CRDS_CONTEXT=context for the duration (jwst reads the environment);
+    the previous values and crds' caches are restored/cleared afterwards."""
+    saved = {k: os.environ.get(k) for k in ("CRDS_PATH", "CRDS_CONTEXT")}
+    os.environ["CRDS_PATH"], os.environ["CRDS_CONTEXT"] = str(root), context
+    clear_crds_caches()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        clear_crds_caches()
 
 
 # --------------------------------------------------------------------------------------
