@@ -670,3 +670,16 @@ def invert_linearity(linear, coeffs, well, out):
                             coeffs[4, i, j], w)
             out[i, j] = raw_from_linear(linear[i, j], c0, coeffs[1, i, j], coeffs[2, i, j],
                                         coeffs[3, i, j], coeffs[4, i, j], w, lw)
+
+
+def subarray_cards(sub, info, name: str) -> list[tuple[str, object, str]]:
+    """SUBARRAY, SUBSTRT1/2, SUBSIZE1/2, FASTAXIS, SLOWAXIS header cards for a subarray."""
+    return [
+        ("SUBARRAY", name, "Subarray used"),
+        ("SUBSTRT1", sub.xstart, "Starting pixel in axis 1 direction"),
+        ("SUBSTRT2", sub.ystart, "Starting pixel in axis 2 direction"),
+        ("SUBSIZE1", sub.xsize, "Number of pixels in axis 1 direction"),
+        ("SUBSIZE2", sub.ysize, "Number of pixels in axis 2 direction"),
+        ("FASTAXIS", info.fastaxis, "Fast readout axis direction"),
+        ("SLOWAXIS", info.slowaxis, "Slow readout axis direction"),
+    ]

@@ -34,7 +34,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.time import Time
 
-from .detector import (DetectorInfo, DetectorParams, PixelMaps, ReadPattern, Subarray,
+from .detector import (subarray_cards, DetectorInfo, DetectorParams, PixelMaps, ReadPattern, Subarray,
                        detector_info, detector_rows, frame_time, gain_factor, linear_at_well,
                        pixel_maps, raw_from_linear, read_pattern, readout_columns,
                        subarray_for)
@@ -526,13 +526,7 @@ def primary_header(cfg: ExposureConfig, timing: Timing, seg: tuple[int, int],
         ("DRPFRMS3", 0, "Number of frames dropped between integrations"),
         ("EXSEGNUM", segnum, "Segment number"),
         ("EXSEGTOT", nseg, "Total number of segments"),
-        ("SUBARRAY", sub.name, "Subarray used"),
-        ("SUBSTRT1", sub.xstart, "Starting pixel in axis 1 direction"),
-        ("SUBSTRT2", sub.ystart, "Starting pixel in axis 2 direction"),
-        ("SUBSIZE1", sub.xsize, "Number of pixels in axis 1 direction"),
-        ("SUBSIZE2", sub.ysize, "Number of pixels in axis 2 direction"),
-        ("FASTAXIS", info.fastaxis, "Fast readout axis direction"),
-        ("SLOWAXIS", info.slowaxis, "Slow readout axis direction"),
+        *subarray_cards(sub, info, sub.name),
         ("NOUTPUTS", sub.noutputs, "Number of output channels"),
         ("PATTTYPE", "FULL", "Primary dither pattern type"),
         ("PATT_NUM", cfg.exposure, "Position number in primary pattern"),

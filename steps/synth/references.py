@@ -25,7 +25,7 @@ import numpy as np
 from astropy.io import fits
 
 from .. import dqflags
-from .detector import (DETECTORS, SUBARRAYS, DetectorParams, PixelMaps, Subarray,
+from .detector import (subarray_cards, DETECTORS, SUBARRAYS, DetectorParams, PixelMaps, Subarray,
                        detector_info, frame_time, pixel_maps, subarray_for)
 
 AUTHOR = "calstream synthetic generator"
@@ -155,13 +155,7 @@ def _primary(recipe: RefRecipe, sub: Subarray, descrip: str, history: Iterable[s
         ("PEDIGREE", "DUMMY", "The pedigree of the reference file"),
         ("DESCRIP", descrip),
         ("AUTHOR", AUTHOR, "Author of the reference file"),
-        ("SUBARRAY", "FULL" if sub.is_full else sub.name, "Subarray used"),
-        ("SUBSTRT1", sub.xstart, "Starting pixel in axis 1 direction"),
-        ("SUBSTRT2", sub.ystart, "Starting pixel in axis 2 direction"),
-        ("SUBSIZE1", sub.xsize, "Number of pixels in axis 1 direction"),
-        ("SUBSIZE2", sub.ysize, "Number of pixels in axis 2 direction"),
-        ("FASTAXIS", info.fastaxis, "Fast readout axis direction"),
-        ("SLOWAXIS", info.slowaxis, "Slow readout axis direction"),
+        *subarray_cards(sub, info, "FULL" if sub.is_full else sub.name),
     ]
     for card in cards:
         hdr.append(card)
