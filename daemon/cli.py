@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--segments", type=int, default=1)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(handler=_cmd_synth)
+
+    from .asn_cli import add_asn_parser  # noqa: PLC0415
+
+    add_asn_parser(sub)
     return parser
 
 
