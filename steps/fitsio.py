@@ -231,7 +231,45 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_hdulist(hdul: fits.HDUList, path: str | Path, fsync: bool = True) -> None:
-    """Write ``hdul`` to ``path`` atomically (temp file + rename)."""
-    with atomic_output(path, fsync=fsync) as tmp:
-        hdul.writeto(tmp, overwrite=True, output_verify="silentfix")
+def write_hdulist(hdul: fits.HDUList, path: str | Path, fsync: bool = True,
+                  encoded: dict[tuple[int, int, str], np.ndarray] | None = None) -> None:
+    """Write ``hdul`` to ``path`` atomically (temp file + rename), byte-identical to astropy's writeto.
+
+    Image data are encoded once (big-endian, BZERO-offset unsigned integers) and written straight
+    from the encoded buffers; ``encoded`` caches them across calls, so products that share arrays
+    (a rate and its one-integration rateints) encode them once.
+    """
+    hdul.verify("silentfix")
+    cache = {} if encoded is None else encoded
+    with atomic_output(path, fsync=fsync) as tmp, open(tmp, "wb") as fh:
+        for hdu in hdul:
+            fh.write(hdu.header.tostring().encode("ascii"))
+            if hdu.data is None:
+                continue
+            data = _encoded(hdu.data, cache)
+            fh.write(memoryview(data).cast("B"))
+            fh.write(bytes(-data.nbytes % FITS_BLOCK))
+
+
+FITS_BLOCK = 2880
+_UNSIGNED_OFFSET = {np.dtype(np.uint16): np.uint16(1 << 15), np.dtype(np.uint32): np.uint32(1 << 31),
+                    np.dtype(np.uint64): np.uint64(1 << 63)}
+
+
+def _encoded(array: np.ndarray, cache: dict[tuple[int, int, str], np.ndarray]) -> np.ndarray:
+    key = (array.__array_interface__["data"][0], array.nbytes, array.dtype.str)
+    if key not in cache:
+        cache[key] = encode_fits_data(array)
+    return cache[key]
+
+
+def encode_fits_data(array: np.ndarray) -> np.ndarray:
+    """The FITS on-disk form of an image array: big-endian, C order; unsigned integers stored
+    signed with the BZERO offset astropy declares (uint32 -> int32 + 2**31)."""
+    dtype = array.dtype
+    offset = _UNSIGNED_OFFSET.get(dtype.newbyteorder("="))
+    if offset is not None:
+        flipped = np.ascontiguousarray(array) ^ offset    # value - 2**(bits-1), two's complement
+        signed = flipped.view(flipped.dtype.str.replace("u", "i"))
+        return signed.astype(signed.dtype.newbyteorder(">"), copy=False)
+    return np.ascontiguousarray(array, dtype=dtype.newbyteorder(">"))

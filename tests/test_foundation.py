@@ -12,7 +12,7 @@ from astropy.io import fits
 from calstream.steps import dqflags
 from calstream.steps.errors import InputError, ParameterError
 from calstream.steps.exposure import exposure_from_header
-from calstream.steps.fitsio import RowReader, atomic_output, image_layout, open_header
+from calstream.steps.fitsio import RowReader, atomic_output, image_layout, open_header, write_hdulist
 from calstream.steps.parameters import DETECTOR1_NIR, parse_cli_overrides, resolve
 from calstream.steps.products import Provenance, product_path, reference_keyword, write_rate
 
@@ -90,6 +90,24 @@ def _header(**overrides: object) -> fits.Header:
              "SUBSTRT1": 1, "SUBSTRT2": 1, "SUBSIZE1": 64, "SUBSIZE2": 64}
     cards.update(overrides)
     return fits.Header([(k, v) for k, v in cards.items() if v is not None])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8, np.uint16, np.int16, np.uint32])
+def test_write_hdulist_is_byte_identical_to_astropy(tmp_path: Path, dtype: type) -> None:
+    values = np.arange(3 * 5 * 7).reshape(3, 5, 7) * 977
+    array = values.astype(dtype) if np.dtype(dtype).kind == "f" else (values % np.iinfo(dtype).max).astype(dtype)
+    array.flat[0] = np.iinfo(dtype).max if np.dtype(dtype).kind in "ui" else -1.5
+
+    def hdul() -> fits.HDUList:
+        return fits.HDUList([fits.PrimaryHDU(header=fits.Header([("TELESCOP", "JWST")])),
+                             fits.ImageHDU(array, name="SCI"), fits.ImageHDU(array[0], name="ONE")])
+
+    hdul().writeto(tmp_path / "astropy.fits")
+    shared: dict = {}
+    write_hdulist(hdul(), tmp_path / "ours.fits", fsync=False, encoded=shared)
+    assert (tmp_path / "ours.fits").read_bytes() == (tmp_path / "astropy.fits").read_bytes()
+    assert len(shared) == 2   # one encoded buffer per distinct array
+    assert np.array_equal(fits.getdata(tmp_path / "ours.fits", "SCI"), array)
 
 
 def test_exposure_requires_keywords_and_shapes() -> None:
