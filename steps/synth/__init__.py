@@ -73,7 +73,8 @@ def generate_observation(out_dir: str | os.PathLike, crds_root: str | os.PathLik
                          pa_v3: float = 45.0, zeroframe: bool = False,
                          via_datamodels: bool = True, noise: NoiseParams | None = None,
                          program: int = 1234, observation: int = 1, visit: int = 1,
-                         write_truth: bool = True) -> ObservationInfo:
+                         write_truth: bool = True, filter: str | None = None,
+                         reprocessing_contexts: bool = False) -> ObservationInfo:
     """Build/extend the CRDS cache at ``crds_root`` and write uncal exposures to ``out_dir``.
 
     ``n_exposures`` dithered exposures (exposure numbers 1..n, consecutive in time) are
@@ -87,7 +88,9 @@ def generate_observation(out_dir: str | os.PathLike, crds_root: str | os.PathLik
     ``via_datamodels`` (default True) writes through stdatamodels' Level1bModel, adding the
     ASDF extension MAST files carry — jwst 3.0's ``Detector1Pipeline.call(<path>)`` needs
     it (``read_metadata`` looks for the ASDF HDU); False writes plain FITS (faster).
-    Writes ``synth_truth.json`` in ``out_dir`` when ``write_truth``.
+    Writes ``synth_truth.json`` in ``out_dir`` when ``write_truth``.  ``filter`` (default:
+    F200W on SHORT, F444W on LONG detectors) also gets its stage-2 references;
+    ``reprocessing_contexts`` adds contexts jwst_0003/0004 (see :func:`build_crds_cache`).
     """
     pattern = read_pattern(readpatt)
     sub_name = subarray.upper()
@@ -97,7 +100,9 @@ def generate_observation(out_dir: str | os.PathLike, crds_root: str | os.PathLik
     frames = max(10, pattern.total_frames(ngroups))
     cache = build_crds_cache(crds_root, detectors=dets, subarrays=(sub_name,),
                              full_frame_references=full_frame_references,
-                             dark_frames={sub_name: frames}, seed=seed)
+                             dark_frames={sub_name: frames}, seed=seed,
+                             filters=(filter,) if filter else (),
+                             reprocessing_contexts=reprocessing_contexts)
     # the manifest may already hold a longer dark; never shrink
     info = ObservationInfo(out_dir=Path(out_dir), crds_root=Path(crds_root),
                            contexts=cache.contexts,
@@ -107,7 +112,8 @@ def generate_observation(out_dir: str | os.PathLike, crds_root: str | os.PathLik
                           nints=nints, nsegments=nsegments, seed=seed, sky=sky,
                           target_ra=target_ra, target_dec=target_dec, pa_v3=pa_v3,
                           zeroframe=zeroframe, program=program, observation=observation,
-                          visit=visit, noise=noise or NoiseParams(), start=start)
+                          visit=visit, noise=noise or NoiseParams(), start=start,
+                          filter=filter.upper() if filter else None)
     from astropy.time import Time, TimeDelta
 
     t0 = Time(start, scale="utc")

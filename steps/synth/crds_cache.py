@@ -13,7 +13,12 @@ reftype, a :class:`RefTypeSpec`).
 
 :func:`build_crds_cache` creates the synthetic NIRCam cache used by calstream's tests:
 ``jwst_0001.pmap`` and ``jwst_0002.pmap`` where 0002 adds a new gain file for one
-detector for observations after a date (``detector.GAIN_CHANGE``).
+detector for observations after a date (``detector.GAIN_CHANGE``).  On request
+(``reprocessing_contexts=True``) two more follow, for the re-processing tests:
+``jwst_0003.pmap`` replaces the flat of one filter (:data:`REPROCESS_FLAT_FILTER`) on every
+SHORT-channel detector, ``jwst_0004.pmap`` adds a photom rule row that selects the same file
+as before (rules change, no exposure's references do).  :func:`sync_operational_context`
+switches the operational context as ``crds sync`` does (rewrites ``server_config``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 from .detector import (DETECTORS, GAIN_CHANGE, DetectorParams, GainChange, ReadPattern,
                        pixel_maps, subarray_for)
-from .stage2 import IMAGE2_NA_TYPES, STAGE2_PARKEYS, write_stage2_references
+from .stage2 import (IMAGE2_NA_TYPES, STAGE2_PARKEYS, detector_filters, stage2_name, write_flat,
+                     write_stage2_references)
 from .references import (PARS_REFERENCES, RefRecipe, existing_recipe_key, pars_name,
                          reference_name, write_pars, write_reference)
 
@@ -322,6 +328,22 @@ def write_server_config(root: str | os.PathLike, contexts: Sequence[str],
     return path
 
 
+def sync_operational_context(root: str | os.PathLike, context: str) -> Path:
+    """Make ``context`` the operational (and latest/edit) context of the cache at ``root``, as
+    ``crds sync`` does when the server announces a new one: ``server_config`` is rewritten
+    atomically, the context appended to ``mappings``; the pmap must already be in the cache."""
+    import ast  # noqa: PLC0415
+
+    mapdir = Path(root) / "mappings" / OBSERVATORY
+    if not (mapdir / context).is_file():
+        raise FileNotFoundError(f"{mapdir / context}: no such context in the cache")
+    path = Path(root) / "config" / OBSERVATORY / "server_config"
+    contexts = list(ast.literal_eval(path.read_text()).get("mappings", [])) if path.exists() else []
+    if context not in contexts:
+        contexts.append(context)
+    return write_server_config(root, contexts, operational=context)
+
+
 def clear_crds_caches() -> None:
     """Drop crds' in-process caches of config and mappings (if crds is imported)."""
     if "crds" in sys.modules:
@@ -360,6 +382,8 @@ class CacheSpec:
     full_frame_references: bool = False
     dark_frames: dict[str, int] = field(default_factory=dict)   # subarray -> frames
     seed: int = 0
+    filters: tuple[str, ...] = ()          # stage-2 filters beyond each detector's default
+    reprocessing: bool = False             # also write contexts jwst_0003 and jwst_0004
 
     def merged(self, other: "CacheSpec") -> "CacheSpec":
         """Union of two specs (same seed required)."""
@@ -372,7 +396,9 @@ class CacheSpec:
             detectors=tuple(d for d in DETECTORS if d in set(self.detectors) | set(other.detectors)),
             subarrays=tuple(sorted(set(self.subarrays) | set(other.subarrays))),
             full_frame_references=self.full_frame_references or other.full_frame_references,
-            dark_frames=frames, seed=self.seed)
+            dark_frames=frames, seed=self.seed,
+            filters=tuple(sorted(set(self.filters) | set(other.filters))),
+            reprocessing=self.reprocessing or other.reprocessing)
 
 
 @dataclass
@@ -441,7 +467,8 @@ def _stage2_rows(refdir: Path, spec: CacheSpec, references: dict[str, Path], wri
                  force: bool) -> list[RuleRow]:
     """Write the calwebb_image2 references of ``spec.detectors`` (see :mod:`.stage2`); their rules."""
     before = {p.name for p in refdir.iterdir()}
-    rows = write_stage2_references(refdir, spec.detectors, seed=spec.seed, force=force)
+    rows = write_stage2_references(refdir, spec.detectors, seed=spec.seed, force=force,
+                                   filters=spec.filters)
     out = []
     for reftype, match, name in rows:
         references[name] = refdir / name
@@ -449,6 +476,41 @@ def _stage2_rows(refdir: Path, spec: CacheSpec, references: dict[str, Path], wri
             written.append(name)
         out.append(RuleRow(reftype, match, USEAFTER, name))
     return out
+
+
+#: the filter whose flat jwst_0003 replaces (SHORT channel); the date of jwst_0004's no-op row
+REPROCESS_FLAT_FILTER = "F150W"
+NOOP_USEAFTER = "2023-09-01 00:00:00"
+
+
+def reprocessing_rules(rules: Sequence[RuleRow], spec: CacheSpec, refdir: Path,
+                       references: dict[str, Path], written: list[str], force: bool = False
+                       ) -> list[list[RuleRow]]:
+    """Rules of jwst_0003 and jwst_0004 derived from ``rules`` (those of jwst_0002).
+
+    0003: a second version of the :data:`REPROCESS_FLAT_FILTER` flat of each SHORT-channel
+    detector replaces the first (same UseAfter: every date).  0004: a new photom UseAfter
+    row for the first detector that selects the file it already had (no selection changes).
+    New flat files are written when missing (added to ``references`` and ``written``).
+    """
+    replaced: dict[str, RuleRow] = {}
+    for det in spec.detectors:
+        if REPROCESS_FLAT_FILTER not in detector_filters(det, spec.filters):
+            continue
+        old = stage2_name("flat", det, REPROCESS_FLAT_FILTER)
+        name = stage2_name("flat", det, REPROCESS_FLAT_FILTER, version=2)
+        path = refdir / name
+        if force or not path.exists():
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+            write_flat(tmp, det, REPROCESS_FLAT_FILTER, seed=spec.seed + 1)
+            os.replace(tmp, path)
+            written.append(name)
+        references[name] = path
+        replaced[old] = RuleRow("flat", (det, REPROCESS_FLAT_FILTER, "CLEAR", "NRC_IMAGE"), USEAFTER, name)
+    ctx3 = [replaced.get(row.filename, row) for row in rules]
+    photom = stage2_name("photom", spec.detectors[0])
+    ctx4 = ctx3 + [RuleRow("photom", (spec.detectors[0], "NRC_IMAGE"), NOOP_USEAFTER, photom)]
+    return [ctx3, ctx4]
 
 
 def _read_manifest(root: Path) -> CacheSpec | None:
@@ -459,13 +521,15 @@ def _read_manifest(root: Path) -> CacheSpec | None:
     return CacheSpec(detectors=tuple(data["detectors"]), subarrays=tuple(data["subarrays"]),
                      full_frame_references=bool(data["full_frame_references"]),
                      dark_frames={k: int(v) for k, v in data["dark_frames"].items()},
-                     seed=int(data["seed"]))
+                     seed=int(data["seed"]), filters=tuple(data.get("filters", ())),
+                     reprocessing=bool(data.get("reprocessing", False)))
 
 
 def _write_manifest(root: Path, spec: CacheSpec) -> None:
     data = {"detectors": list(spec.detectors), "subarrays": list(spec.subarrays),
             "full_frame_references": spec.full_frame_references,
-            "dark_frames": spec.dark_frames, "seed": spec.seed}
+            "dark_frames": spec.dark_frames, "seed": spec.seed,
+            "filters": list(spec.filters), "reprocessing": spec.reprocessing}
     _write_text(root / MANIFEST, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
@@ -473,22 +537,29 @@ def build_crds_cache(root: str | os.PathLike, *, detectors: Sequence[str] = ("NR
                      subarrays: Sequence[str] = ("SUB160",), full_frame_references: bool = False,
                      dark_frames: Mapping[str, int] | None = None, seed: int = 0,
                      extra_rules: Sequence[RuleRow] = (), params: DetectorParams | None = None,
-                     force: bool = False) -> CrdsCacheInfo:
+                     force: bool = False, filters: Sequence[str] = (),
+                     reprocessing_contexts: bool = False) -> CrdsCacheInfo:
     """Create or extend the synthetic CRDS cache at ``root``; idempotent.
 
     References are written only when missing or when their recipe changed (e.g. a dark
     needs more frames); the cache's content is the union of everything ever requested
     (recorded in ``root/calstream_synth.json``).  ``extra_rules`` are appended to both
     contexts (their files must already exist under references/jwst/<instrument>/).
-    Dark frame counts default to 10 per subarray.  Returns paths and context names;
-    the operational context in ``server_config`` is the latest, jwst_0002.pmap.
+    Dark frame counts default to 10 per subarray.  ``filters`` adds stage-2 flat/area
+    references (and rules) for more filters of each detector's channel.
+    ``reprocessing_contexts`` adds jwst_0003 (new flat for :data:`REPROCESS_FLAT_FILTER`) and
+    jwst_0004 (a rule row that changes nothing selected); both are remembered in the manifest.
+    Returns paths and context names; the operational context in ``server_config`` is the
+    latest (jwst_0002.pmap, or jwst_0004.pmap with the re-processing contexts).
     """
     root = ensure_layout(root)
     want = CacheSpec(detectors=tuple(d.upper() for d in detectors),
                      subarrays=tuple(s.upper() for s in subarrays),
                      full_frame_references=full_frame_references,
                      dark_frames={k.upper(): int(v) for k, v in (dark_frames or {}).items()},
-                     seed=int(seed))
+                     seed=int(seed), reprocessing=bool(reprocessing_contexts),
+                     filters=tuple(sorted({f.upper() for f in filters}
+                                          | ({REPROCESS_FLAT_FILTER} if reprocessing_contexts else set()))))
     for det in want.detectors:
         for sub in want.subarrays:
             subarray_for(det, sub)          # validates names
@@ -522,7 +593,10 @@ def build_crds_cache(root: str | os.PathLike, *, detectors: Sequence[str] = ("NR
             written.append(path.name)
     stage2_written: list[str] = []
     stage2 = _stage2_rows(refdir, spec, references, stage2_written, force)
-    contexts = write_contexts(root, [ctx1 + stage2 + list(extra_rules), ctx2 + stage2 + list(extra_rules)],
+    rule_lists = [ctx1 + stage2 + list(extra_rules), ctx2 + stage2 + list(extra_rules)]
+    if spec.reprocessing:
+        rule_lists += reprocessing_rules(rule_lists[-1], spec, refdir, references, stage2_written, force)
+    contexts = write_contexts(root, rule_lists,
                               na_types={"nircam": DETECTOR1_NA_TYPES + IMAGE2_NA_TYPES}, specs=STAGE2_SPECS)
     write_server_config(root, contexts)
     _write_manifest(root, spec)
@@ -537,4 +611,5 @@ __all__ = [
     "RuleRow", "build_crds_cache", "clear_crds_caches", "dark_frames_needed",
     "ensure_layout", "format_imap", "format_pmap", "format_rmap", "mapping_checksum",
     "synthetic_rules", "write_contexts", "write_server_config",
+    "NOOP_USEAFTER", "REPROCESS_FLAT_FILTER", "reprocessing_rules", "sync_operational_context",
 ]

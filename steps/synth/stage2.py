@@ -36,12 +36,14 @@ STAGE2_USEAFTER = "2022-01-01T00:00:00"
 NO_FLAT_FIELD, DO_NOT_USE = 1 << 18, 1
 
 
-def stage2_name(reftype: str, detector: str, filt: str | None = None) -> str:
-    """CRDS-style basename, e.g. ``jwst_nircam_flat_0105.fits`` (detector 1, filter 5)."""
+def stage2_name(reftype: str, detector: str, filt: str | None = None, version: int = 1) -> str:
+    """CRDS-style basename, e.g. ``jwst_nircam_flat_0105.fits`` (detector 1, filter 5);
+    a later ``version`` of a per-filter file adds 5000 per version (``..._flat_5105.fits``)."""
     det = DETECTORS.index(detector.upper()) + 1
     code = det if filt is None else 100 * det + list(PHOTOM_FILTERS).index(filt.upper()) + 1
     ext = ".asdf" if reftype in ("distortion", "filteroffset") else ".fits"
-    return f"jwst_nircam_{reftype}_{9000 + code if filt is None else code:04d}{ext}"
+    number = 9000 + code if filt is None else code + 5000 * (version - 1)
+    return f"jwst_nircam_{reftype}_{number:04d}{ext}"
 
 
 def _meta(model, reftype: str, detector: str, descr: str) -> None:
@@ -58,6 +60,7 @@ def _meta(model, reftype: str, detector: str, descr: str) -> None:
     m.description = descr
     m.useafter = STAGE2_USEAFTER
     m.exposure.type = "NRC_IMAGE"
+    model.add_history_entry(f"calstream synthetic {reftype} reference")   # crds certify needs HISTORY
 
 
 def distortion_model(detector: str):
@@ -190,28 +193,43 @@ def default_filter(detector: str) -> str:
     return "F200W" if detector_info(detector).channel == "SHORT" else "F444W"
 
 
+def detector_filters(detector: str, filters: Iterable[str] = ()) -> list[str]:
+    """The default filter of ``detector`` plus those of ``filters`` in its channel
+    (SHORT: below 2.5 um, LONG: above)."""
+    channel = detector_info(detector).channel
+    out = [default_filter(detector)]
+    for filt in (f.upper() for f in filters):
+        short = int(filt[1:4]) < 250
+        if filt not in out and short == (channel == "SHORT"):
+            out.append(filt)
+    return out
+
+
 def write_stage2_references(refdir: str | os.PathLike, detectors: Iterable[str], seed: int = 0,
-                            force: bool = False) -> list[tuple[str, tuple[str, ...], str]]:
-    """Write (when missing) the stage-2 references of ``detectors`` (their default filter,
-    PUPIL=CLEAR); return ``(reftype, match, basename)`` rows for the rmaps.
+                            force: bool = False, filters: Iterable[str] = ()
+                            ) -> list[tuple[str, tuple[str, ...], str]]:
+    """Write (when missing) the stage-2 references of ``detectors`` (their default filter and
+    the ``filters`` of their channel, PUPIL=CLEAR); return ``(reftype, match, basename)`` rows
+    for the rmaps.
 
     Match tuples follow :data:`STAGE2_PARKEYS`.
     """
     refdir = Path(refdir)
     rows: list[tuple[str, tuple[str, ...], str]] = []
+    filters = tuple(filters)
     for det in detectors:
         det = det.upper()
-        filt = default_filter(det)
         jobs = [("distortion", (det, "NRC_IMAGE", "CLEAR"), stage2_name("distortion", det),
                  lambda p, d=det: write_distortion(p, d)),
                 ("filteroffset", (det, "NRC_IMAGE"), stage2_name("filteroffset", det),
                  lambda p, d=det: write_filteroffset(p, d)),
                 ("photom", (det, "NRC_IMAGE"), stage2_name("photom", det),
-                 lambda p, d=det: write_photom(p, d)),
-                ("flat", (det, filt, "CLEAR", "NRC_IMAGE"), stage2_name("flat", det, filt),
-                 lambda p, d=det, f=filt: write_flat(p, d, f, seed)),
-                ("area", (det, filt, "CLEAR", "NRC_IMAGE"), stage2_name("area", det, filt),
-                 lambda p, d=det, f=filt: write_area(p, d, f))]
+                 lambda p, d=det: write_photom(p, d))]
+        for filt in detector_filters(det, filters):
+            jobs += [("flat", (det, filt, "CLEAR", "NRC_IMAGE"), stage2_name("flat", det, filt),
+                      lambda p, d=det, f=filt: write_flat(p, d, f, seed)),
+                     ("area", (det, filt, "CLEAR", "NRC_IMAGE"), stage2_name("area", det, filt),
+                      lambda p, d=det, f=filt: write_area(p, d, f))]
         for reftype, match, name, writer in jobs:
             path = refdir / name
             if force or not path.exists():
