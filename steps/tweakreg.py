@@ -143,7 +143,7 @@ def _segmentation_sources(data: np.ndarray, err: np.ndarray, threshold: np.ndarr
     from photutils.segmentation import SourceCatalog, SourceFinder  # noqa: PLC0415
 
     convolved = convolve_gaussian(data, kernel_fwhm, mask) if kernel_fwhm > 0 else data
-    segm = SourceFinder(npixels=npixels, connectivity=connectivity, deblend=deblend,
+    segm = SourceFinder(n_pixels=npixels, connectivity=connectivity, deblend=deblend,
                         progress_bar=False)(convolved, threshold, mask=mask)
     if segm is None:
         return None
