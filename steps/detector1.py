@@ -304,8 +304,6 @@ class _ChunkRunner:
         self.average_dark: float | np.ndarray | None = None
         self.first_group_all_saturated = True
         self._kernels = _load_kernels(plan)
-        self._block_span: tuple[int, int] = (-1, -1)
-        self._block: dict[tuple[str, str, int | None], np.ndarray] = {}
         ipc_rows = refs["ipc"].layout("SCI").shape[-2] if "ipc" in refs and plan.runs("ipc") else 3
         self.halo = halo_rows(plan, ipc_rows)
 
@@ -354,32 +352,20 @@ class _ChunkRunner:
     # -- steps -----------------------------------------------------------------------------
     def _rows(self, reftype: str, extname: str, chunk: _Chunk, dtype: type = np.float32,
               nplanes: int | None = None) -> np.ndarray:
-        """Reference rows for the chunk's window, read once per row block and step."""
+        """Reference values for the chunk's rows and columns, read once per chunk and step."""
         key = (reftype, extname, nplanes)
         if key not in chunk.refs:
-            block = self._block_rows(key, chunk, lambda: self.refs[reftype].rows(
-                extname, chunk.y0, chunk.y1, dtype=dtype, nplanes=nplanes))
-            chunk.refs[key] = _window(block, chunk)
+            chunk.refs[key] = self.refs[reftype].rows(extname, chunk.y0, chunk.y1, dtype=dtype, nplanes=nplanes,
+                                                      x0=chunk.x0, x1=chunk.x1)
         return chunk.refs[key]
 
     def _dq(self, reftype: str, chunk: _Chunk) -> np.ndarray:
-        """Reference DQ rows in pipeline bits (3-D DQ OR-ed over planes), for the chunk's window."""
+        """Reference DQ in pipeline bits (3-D DQ OR-ed over planes) for the chunk's rows and columns."""
         key = (reftype, "DQ", None)
         if key not in chunk.refs:
-            def read() -> np.ndarray:
-                dq = self.refs[reftype].dq_rows(chunk.y0, chunk.y1)
-                return np.bitwise_or.reduce(dq, axis=0) if dq.ndim == 3 else dq
-            chunk.refs[key] = _window(self._block_rows(key, chunk, read), chunk)
+            dq = self.refs[reftype].dq_rows(chunk.y0, chunk.y1, x0=chunk.x0, x1=chunk.x1)
+            chunk.refs[key] = np.bitwise_or.reduce(dq, axis=0) if dq.ndim == 3 else dq
         return chunk.refs[key]
-
-    def _block_rows(self, key: tuple[str, str, int | None], chunk: _Chunk,
-                    read: Callable[[], np.ndarray]) -> np.ndarray:
-        """Full-width reference rows [y0, y1), shared by the column windows of one row block."""
-        if self._block_span != (chunk.y0, chunk.y1):
-            self._block_span, self._block = (chunk.y0, chunk.y1), {}
-        if key not in self._block:
-            self._block[key] = read()
-        return self._block[key]
 
     def _group_scale(self, chunk: _Chunk) -> None:
         self._kernels["corrections"].group_scale(chunk.data, self.exp.frmdivsr, self.exp.nframes)
@@ -481,15 +467,6 @@ class _ChunkRunner:
         return self._rp
 
 
-def _window(block: np.ndarray, chunk: _Chunk) -> np.ndarray:
-    """Columns [x0, x1) of full-width rows (the rows themselves when the window is full width)."""
-    nx = block.shape[-1]
-    x1 = nx if chunk.x1 is None else chunk.x1
-    if chunk.x0 == 0 and x1 == nx:
-        return block
-    return np.ascontiguousarray(block[..., chunk.x0:x1])
-
-
 def _step_only(params: Mapping[str, Any]) -> dict[str, Any]:
     """A step's own parameters, without stpipe's common ones and overrides."""
     return {k: v for k, v in params.items()
@@ -577,13 +554,9 @@ def _measure_refpix(source: RampSource, runner: _ChunkRunner, chunk_rows: int) -
     nints, ngroups, ny, nx = source.shape
     border = refpix.RefBorder.empty((nints, ngroups), ny, nx, np.float32)
     dq_border = refpix.RefBorder.empty((), ny, nx, np.uint32)
-    block: tuple[int, int, tuple[np.ndarray, ...]] = (-1, -1, ())
     for y0, y1, own0, own1, x0, x1 in _border_windows(ny, nx, chunk_rows, refpix.NREF, runner.halo,
                                                       runner.plan.runs("ipc")):
-        if block[:2] != (y0, y1):
-            block = (y0, y1, source.read(y0, y1))
-        data, gdq, pdq = (np.ascontiguousarray(a[..., x0:x1]) for a in block[2])
-        chunk = _Chunk(y0, y1, own0, own1, data, gdq, pdq, x0, x1)
+        chunk = _Chunk(y0, y1, own0, own1, *source.read(y0, y1, x0, x1), x0, x1)
         runner.calibrate(chunk, stop_before="refpix")
         own = chunk.owned
         _fill_border(border, chunk.data[:, :, own], own0, x0, nx)

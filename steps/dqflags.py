@@ -101,15 +101,26 @@ def translate_reference_dq(dq: np.ndarray, dq_def: Iterable[Mapping[str, object]
     if not mapping or all(k == v for k, v in mapping.items()):
         return dq
     tables = _byte_tables(tuple(sorted(mapping.items())))
+    if dq.size >= _COMPILED_MIN:
+        from ._decode import translate_bytes  # noqa: PLC0415 - numba only for big arrays
+
+        dq = np.ascontiguousarray(dq)
+        out = np.empty_like(dq)
+        translate_bytes(dq.ravel(), tables, out.ravel())
+        return out
     out = tables[0][dq & 0xFF]
     for k in range(1, 4):
         out |= tables[k][(dq >> np.uint32(8 * k)) & 0xFF]
     return out
 
 
+#: from this many values on, the compiled one-pass translation is used
+_COMPILED_MIN = 65536
+
+
 @functools.lru_cache(maxsize=64)
-def _byte_tables(mapping: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, ...]:
-    """Four 256-entry tables: byte k of a file DQ value -> the pipeline flags its bits mean."""
+def _byte_tables(mapping: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """(4, 256) uint32 tables: byte k of a file DQ value -> the pipeline flags its bits mean."""
     tables = np.zeros((4, 256), dtype=np.uint32)
     values = np.arange(256, dtype=np.uint32)
     for file_value, pipe_value in mapping:
@@ -117,7 +128,8 @@ def _byte_tables(mapping: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, ...]
             byte = (file_value >> (8 * k)) & 0xFF
             if byte and pipe_value:
                 tables[k][(values & np.uint32(byte)) != 0] |= np.uint32(pipe_value)
-    return tuple(tables)
+    tables.flags.writeable = False
+    return tables
 
 
 def names_of(value: int) -> list[str]:

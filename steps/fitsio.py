@@ -1,12 +1,13 @@
 """Low-level FITS access: row-chunk reads without holding whole arrays, atomic writes.
 
-Image extensions are read with ``os.pread`` straight from the file, a block of rows at a time, so
-reading a 4-D ramp costs memory for one row chunk only. Writes go to a temporary name in the
+Image extensions are memory-mapped read-only and decoded a block of rows at a time, so reading a
+4-D ramp costs memory for one row chunk only. Writes go to a temporary name in the
 destination folder and are renamed into place, so no reader ever sees a half-written product.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from contextlib import contextmanager
@@ -90,17 +91,24 @@ class RowReader:
     """Reads row blocks of an image extension of any dimensionality >= 2.
 
     ``read(y0, y1)`` returns ``shape[:-2] + (y1 - y0, nx)`` decoded to ``dtype`` (default the
-    native dtype). Rows are the second-to-last axis.
+    native dtype). Rows are the second-to-last axis. The file is memory-mapped read-only and
+    values are decoded straight from the page cache, so a column window costs only the pages it
+    touches (the 4-pixel reference strips of a frame are a few per cent of it).
     """
 
     def __init__(self, layout: ImageLayout) -> None:
         self.layout = layout
-        self._fd = os.open(layout.path, os.O_RDONLY)
+        self._map: mmap.mmap | None = None
+        self._pixels: np.ndarray | None = None
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._pixels = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:   # a caller still holds a view; the map goes with it
+                pass
+            self._map = None
 
     def __enter__(self) -> "RowReader":
         return self
@@ -111,6 +119,21 @@ class RowReader:
     def __del__(self) -> None:
         self.close()
 
+    def _planes(self) -> np.ndarray:
+        """The extension's pixels as stored (big-endian), shape (planes, ny, nx), read-only."""
+        if self._pixels is None:
+            lay = self.layout
+            with open(lay.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < lay.offset + lay.nbytes:
+                    raise InputError(lay.path, f"short read in {lay.name} (file truncated?)")
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            ny, nx = lay.shape[-2:]
+            count = lay.nbytes // lay.disk_dtype.itemsize
+            flat = np.frombuffer(self._map, dtype=lay.disk_dtype, count=count, offset=lay.offset)
+            self._pixels = flat.reshape(-1, ny, nx)
+        return self._pixels
+
     def read(self, y0: int, y1: int, dtype: np.dtype | type | None = None,
              out: np.ndarray | None = None, x0: int = 0, x1: int | None = None,
              nplanes: int | None = None) -> np.ndarray:
@@ -120,30 +143,21 @@ class RowReader:
         """
         lay = self.layout
         ny, nx = lay.shape[-2:]
-        if not 0 <= y0 <= y1 <= ny:
-            raise IndexError(f"rows [{y0}, {y1}) outside 0..{ny} of {lay.name} in {lay.path}")
         x1 = nx if x1 is None else x1
+        if not (0 <= y0 <= y1 <= ny and 0 <= x0 <= x1 <= nx):
+            raise IndexError(f"rows [{y0}, {y1}) x columns [{x0}, {x1}) outside {ny}x{nx} "
+                             f"of {lay.name} in {lay.path}")
         lead = lay.shape[:-2]
         if nplanes is not None:
             if len(lead) != 1 or nplanes > lead[0]:
                 raise IndexError(f"{nplanes} planes requested from {lay.name} of shape {lay.shape}")
             lead = (nplanes,)
         planes = int(np.prod(lead, dtype=np.int64))
-        itemsize = lay.disk_dtype.itemsize
-        raw = np.empty((planes, y1 - y0, nx), dtype=lay.disk_dtype)
-        block = (y1 - y0) * nx * itemsize
-        view = raw.reshape(planes, -1).view(np.uint8)
-        for p in range(planes):
-            start = lay.offset + (p * ny + y0) * nx * itemsize
-            got = os.preadv(self._fd, [memoryview(view[p])], start) if block else 0
-            if got != block:
-                raise InputError(lay.path, f"short read in {lay.name} (file truncated?)")
-        raw = raw[:, :, x0:x1]
+        raw = self._planes()[:planes, y0:y1, x0:x1]
         dtype = np.dtype(dtype) if dtype is not None else lay.native_dtype
         if out is None:
             out = np.empty(lead + (y1 - y0, x1 - x0), dtype=dtype)
-        target = out.reshape(raw.shape)
-        decode_into(raw, lay.bzero, lay.bscale, target)
+        decode_into(raw, lay.bzero, lay.bscale, out.reshape(raw.shape))
         return out
 
 
@@ -152,17 +166,15 @@ _FAST_DECODE_MIN = 65536
 
 
 def decode_into(raw: np.ndarray, bzero: float, bscale: float, out: np.ndarray) -> None:
-    """Apply FITS scaling (BSCALE, BZERO) to big-endian ``raw`` and store into ``out``.
-
-    ``raw`` is a scratch buffer and may be modified.
-    """
+    """Apply FITS scaling (BSCALE, BZERO) to big-endian ``raw`` (any strides, left unchanged)
+    and store into ``out`` (same shape)."""
     if _decode_fast(raw, bzero, bscale, out):
         return
     kind = raw.dtype.kind
     if bscale == 1.0 and kind == "i" and bzero == 2 ** (8 * raw.dtype.itemsize - 1):
         unsigned = raw.view(raw.dtype.str.replace("i", "u"))
-        np.bitwise_xor(unsigned, np.array(bzero, dtype=unsigned.dtype.newbyteorder("=")), out=unsigned)
-        out[...] = unsigned
+        np.bitwise_xor(unsigned, np.array(bzero, dtype=unsigned.dtype.newbyteorder("=")), out=out,
+                       casting="unsafe")
         return
     if bscale == 1.0 and bzero == 0.0:
         out[...] = raw
@@ -172,10 +184,10 @@ def decode_into(raw: np.ndarray, bzero: float, bscale: float, out: np.ndarray) -
 
 
 def _decode_fast(raw: np.ndarray, bzero: float, bscale: float, out: np.ndarray) -> bool:
-    """The compiled one-pass decoders for the common large cases; False if none applies."""
-    if raw.size < _FAST_DECODE_MIN or not (raw.flags.c_contiguous and out.flags.c_contiguous):
-        return False
-    if bscale != 1.0:
+    """The compiled one-pass decoders for the common large cases; False if none applies.
+
+    ``raw`` is (planes, rows, cols) with any strides; ``out`` C-contiguous of the same shape."""
+    if raw.size < _FAST_DECODE_MIN or raw.ndim != 3 or not out.flags.c_contiguous or bscale != 1.0:
         return False
     from . import _decode  # noqa: PLC0415 - numba only when big arrays are decoded
 
