@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     from .asn_cli import add_asn_parser  # noqa: PLC0415
 
     add_asn_parser(sub)
+    from .commands import add_daemon_parsers  # noqa: PLC0415
+
+    add_daemon_parsers(sub)
     return parser
 
 

@@ -260,6 +260,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config`` plus one flag per setting (dest ``cfg_<field>`` so no global flag is shadowed)."""
     parser.add_argument("--config", help=f"TOML settings file (default: ./{DEFAULT_CONFIG_NAME} if present)")
     for flag, (name, kwargs) in CLI_FLAGS.items():
+        if kwargs.get("action") != "store_const":
+            kwargs = {"metavar": flag[2:].upper().replace("-", "_"), **kwargs}
         parser.add_argument(flag, dest=f"cfg_{name}", default=None, **kwargs)
 
 

@@ -489,6 +489,16 @@ class Ledger:
                  job.est_bytes, time.time()))
             return int(cur.lastrowid)
 
+    def skip(self, job: JobSpec, reason: str, lane: str = "live") -> int:
+        """Record a stage that will not run (e.g. no pipeline for the EXP_TYPE) as a skipped job."""
+        now = time.time()
+        with self.transaction():
+            cur = self._db.execute(
+                "INSERT INTO jobs (kind, subject_id, stage, state, lane, priority, context, reason, created_at,"
+                " finished_at, error_class, error_message) VALUES (?,?,?,'skipped',?,?,?,?,?,?,'StageSkipped',?)",
+                (job.kind, job.subject_id, job.stage, lane, job.priority, job.context, reason, now, now, reason))
+            return int(cur.lastrowid)
+
     def job(self, job_id: int) -> JobRecord:
         row = self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
         if row is None:
