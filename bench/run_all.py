@@ -17,6 +17,7 @@ RUNS = [
     ["bench_jump.py", "--nints", "3", "--size", "640"],
     ["bench_ramp_fit.py"],
     ["bench_ramp_fit.py", "--nints", "3", "--ny", "640", "--nx", "640"],
+    ["bench_affected.py"],
 ]
 
 
