@@ -153,7 +153,7 @@ def generate_field(out_dir: str | os.PathLike, crds_root: str | os.PathLike, *, 
         nominal, true, err = _pointings(cfg, info, sub, rng, pointing_error_arcsec, roll_error_arcsec,
                                         exact=exact_first_pointing and n == 0)
         wcs = true_wcs(true, distortion, offset, sub, info)
-        pixels = project(sources, _world_to_pixel(wcs), sub.x0, sub.y0, info.pixel_scale)
+        pixels = project(sources, _precomputed(sources, _world_to_pixel(wcs)), sub.x0, sub.y0, info.pixel_scale)
         cfg = replace(cfg, target_ra=nominal.ra_ref, target_dec=nominal.dec_ref, pa_v3=nominal.pa_v3)
         truth = generate_exposure(cfg, out_dir, scene=Scene(sky=sky, sources=pixels), via_datamodels=via_datamodels)
         t_next = _next_start(cfg)
@@ -277,6 +277,18 @@ def _world_to_pixel(wcs: Any):
             x, y = x + (d * er - b * ed) / det, y + (-c * er + a * ed) / det
         return x, y
     return world_to_pixel
+
+
+def _precomputed(sources: Sequence[SkySource], world_to_pixel):
+    """A per-source ``world_to_pixel`` for :func:`.scene.project` answering from one vectorised
+    call over all ``sources`` (gwcs calls are costly one by one)."""
+    x, y = world_to_pixel(np.array([s.ra for s in sources]), np.array([s.dec for s in sources]))
+    table = {(s.ra, s.dec): (float(x[k]), float(y[k])) for k, s in enumerate(sources)}
+
+    def lookup(ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        px, py = table[(float(ra[0]), float(dec[0]))]
+        return np.array([px]), np.array([py])
+    return lookup
 
 
 # ---------------------------------------------------------------------------------------------
