@@ -73,6 +73,14 @@ def association_output_dir(root: Path, product_name: str, program: str | None = 
     return root / folder / product_name
 
 
+def preload() -> None:
+    """Import what intake uses (astropy.io.fits, the header validators) before the first arrival."""
+    import importlib  # noqa: PLC0415
+
+    for module in ("astropy.io.fits", "calstream.steps.asn", "calstream.steps.exposure", "calstream.steps.parameters"):
+        importlib.import_module(module)
+
+
 # ---------------------------------------------------------------------------------------------
 # Exposures
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import structlog
 from calstream.steps.errors import InputError
 
 from .config import ConfigError, DaemonConfig, config_from_args
-from .intake import file_checksum, read_association_info, read_exposure_info, same_checksum
+from .intake import file_checksum, preload, read_association_info, read_exposure_info, same_checksum
 from .ledger import JobRecord, Ledger, NewProduct
 from .metrics import Metrics
 from .quarantine import quarantine_file
@@ -195,6 +195,7 @@ class Daemon:
                                recycle_after=cfg.recycle_after, env=env, log_level=cfg.log_level,
                                log_json=cfg.log_json)
         self.pool.start()
+        preload()
         if cfg.crds_context and self.ledger.active_context() != cfg.crds_context:
             self.on_context_change(cfg.crds_context, "config")
         with self.ledger.transaction():
@@ -272,8 +273,7 @@ class Daemon:
             return
         self._handle_requests()
         with self.ledger.transaction():
-            for asn in self.scheduler.check_stuck():
-                self.metrics.errors.labels("AssociationStuck").inc()
+            self.scheduler.check_stuck()
         queued = self.ledger.queue_by_lane()
         with self._pending_lock:
             backlog = queued.get("live", 0) + self._pending_arrivals
@@ -545,6 +545,7 @@ class Daemon:
             with self.ledger.transaction():
                 self.ledger.retry_job(job.id, delay=delay, error_class=error_class, error_message=message)
                 self.ledger.add_error(error_class, message, stage=job.stage, outcome="retry", job_id=job.id,
+                                      path=self._subject_path(job),
                                       traceback=error.get("traceback"), **self._subject_ids(job))
             log.warning("job failed; will retry", job=job.id, step=job.stage, try_=job.tries, of=limit,
                         retry_in=delay, error_class=error_class, error=message, **subject)
@@ -555,6 +556,7 @@ class Daemon:
         with self.ledger.transaction():
             self.ledger.finish_job(job.id, "failed", error_class=error_class, error_message=message)
             self.ledger.add_error(error_class, message, stage=job.stage, outcome="failed", job_id=job.id,
+                                  path=self._subject_path(job),
                                   traceback=error.get("traceback"), **self._subject_ids(job))
             if job.kind == "association":
                 self.ledger.set_association_state(job.subject_id, "failed", note=f"{error_class}: {message}")
