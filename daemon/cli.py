@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INPUT, EXIT_REFERENCE, EXIT_NOT_IMPLEMENTED = 0, 1, 2, 3, 4, 5
 
-PIPELINES = ("calwebb_detector1", "calwebb_image2")
+PIPELINES = ("calwebb_detector1", "calwebb_image2", "calwebb_image3")
 
 
 def main(argv: Sequence[str] | None = None, *, fast_exit: bool = False) -> int:
@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     from .commands import add_daemon_parsers  # noqa: PLC0415
 
     add_daemon_parsers(sub)
+    from .reprocess import add_reprocess_parsers  # noqa: PLC0415
+
+    add_reprocess_parsers(sub)
     return parser
 
 
@@ -129,6 +132,13 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
             result = calibrate_rate_file(args.input, args.output_dir, cli_steps=cli_steps,
                                          cli_pipeline=cli_pipeline, parameter_file=args.config,
                                          context=args.crds_context)
+            return _report(result, started)
+        if args.name == "calwebb_image3":
+            from calstream.steps.image3 import calibrate_association  # noqa: PLC0415
+
+            result = calibrate_association(args.input, args.output_dir, cli_steps=cli_steps,
+                                           cli_pipeline=cli_pipeline, parameter_file=args.config,
+                                           context=args.crds_context)
             return _report(result, started)
         from calstream.steps.detector1 import calibrate_file  # noqa: PLC0415
 

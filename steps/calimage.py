@@ -170,18 +170,25 @@ def resample_input(info: CalInfo, arrays: ImageArrays, wcs: Any = None) -> Resam
 
 
 def save_model(model: Any, out: Path) -> Path:
-    """Save a stdatamodels model to ``out`` through a temporary name in the same folder."""
+    """Save a stdatamodels model as ``out`` atomically.
+
+    The file is written under its final name inside a temporary folder next to ``out`` (so
+    stdatamodels records the right FILENAME) and renamed into place.
+    """
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", dir=out.parent))
     try:
+        tmp = tmpdir / out.name
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.save(str(tmp))
         tmp.replace(out)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(tmpdir, ignore_errors=True)
     return out
 
 
@@ -194,7 +201,7 @@ def write_image_like(source: str | Path, out: str | Path, arrays: ImageArrays,
     out = Path(out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = ImageModel(str(source))
+        model = ImageModel(str(source), validate_on_assignment=False)
     try:
         model.data, model.err, model.dq = arrays.sci, arrays.err, arrays.dq
         model.var_poisson, model.var_rnoise = arrays.var_poisson, arrays.var_rnoise

@@ -55,15 +55,19 @@ def weight_threshold(wht: np.ndarray, maskpt: float) -> float:
         return float(np.mean(sigma_clip(values, sigma=3, maxiters=5, masked=False, copy=False), dtype="f8") * maskpt)
 
 
-def single_drizzle(images: Iterable[ResampleInput], grid: OutputGrid, *, n_inputs: int, pixfrac: float = 1.0,
-                   kernel: str = "square", fillval: str | float = "NAN", weight_type: str | None = "ivm",
-                   good_bits: int | str | None = "~DO_NOT_USE") -> tuple[np.ndarray, np.ndarray]:
-    """(SCI, WHT) of one exposure group drizzled alone (no context, no variances)."""
+def single_drizzle(images: Iterable[tuple[ResampleInput, np.ndarray | None]], grid: OutputGrid, *, n_inputs: int,
+                   pixfrac: float = 1.0, kernel: str = "square", fillval: str | float = "NAN",
+                   weight_type: str | None = "ivm", good_bits: int | str | None = "~DO_NOT_USE"
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(SCI, WHT) of one exposure group drizzled alone (no context, no variances).
+
+    ``images`` yields (input, pixel map or None) pairs, one exposure at a time.
+    """
     acc = MosaicAccumulator(grid, n_inputs=n_inputs, pixfrac=pixfrac, kernel=kernel, fillval=fillval,
                             weight_type=weight_type, good_bits=good_bits, enable_ctx=False, enable_var=False,
                             compute_err=None)
-    for image in images:
-        acc.add(image)
+    for image, pixmap in images:
+        acc.add(image, pixmap)
     mosaic = acc.finalize()
     return mosaic.sci, mosaic.wht
 

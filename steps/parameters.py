@@ -122,6 +122,49 @@ IMAGE2: tuple[StepSpec, ...] = (
     StepSpec("resample", "ResampleStep", "S_RESAMP", (), skip_by_default=True),
 )
 
+#: jwst 3.0 ResampleStep spec (calwebb_image2 and calwebb_image3)
+RESAMPLE_DEFAULTS: dict[str, Any] = {
+    "pixfrac": 1.0, "kernel": "square", "fillval": "NAN", "weight_type": "ivm", "output_shape": None, "crpix": None,
+    "crval": None, "rotation": None, "pixel_scale_ratio": 1.0, "pixel_scale": None, "output_wcs": "", "single": False,
+    "blendheaders": True, "in_memory": True, "enable_ctx": True, "enable_err": True, "report_var": True,
+    "propagate_dq": False, "pixmap_stepsize": 1.0, "pixmap_order": 1}
+
+#: calwebb_image3 (Image3Pipeline) for imaging, jwst 3.0 step specs
+IMAGE3: tuple[StepSpec, ...] = (
+    StepSpec("assign_mtwcs", "AssignMTWcsStep", "S_MTWCS"),
+    StepSpec("tweakreg", "TweakRegStep", "S_TWKREG", (), {
+        "use_custom_catalogs": False, "catalog_format": "ecsv", "catfile": "", "starfinder": "iraf",
+        "snr_threshold": 10.0, "kernel_fwhm": 2.5, "bkg_boxsize": 400, "minsep_fwhm": 0.0, "sigma_radius": 1.5,
+        "sharplo": 0.5, "sharphi": 2.0, "roundlo": 0.0, "roundhi": 0.2, "brightest": 200, "peakmax": None,
+        "npixels": 10, "connectivity": 8, "nlevels": 32, "contrast": 0.001, "multithresh_mode": "exponential",
+        "localbkg_width": 0, "apermask_method": "correct", "kron_params": None, "deblend": True,
+        "enforce_user_order": False, "expand_refcat": False, "minobj": 15, "fitgeometry": "rshift", "nclip": 3,
+        "sigma": 3.0, "searchrad": 2.0, "use2dhist": True, "separation": 1.0, "tolerance": 0.7, "xoffset": 0.0,
+        "yoffset": 0.0, "abs_refcat": "", "save_abs_catalog": False, "abs_minobj": 15, "abs_fitgeometry": "rshift",
+        "abs_nclip": 3, "abs_sigma": 3.0, "abs_searchrad": 6.0, "abs_use2dhist": True, "abs_separation": 1.0,
+        "abs_tolerance": 0.7, "sip_approx": True, "sip_max_pix_error": 0.01, "sip_degree": None,
+        "sip_max_inv_pix_error": 0.01, "sip_inv_degree": None, "sip_npoints": 12, "in_memory": True,
+        "save_catalogs": False}),
+    StepSpec("skymatch", "SkyMatchStep", "S_SKYMAT", (), {
+        "skymethod": "match", "match_down": True, "subtract": False, "skylist": None, "stepsize": None,
+        "skystat": "mode", "dqbits": "~DO_NOT_USE+NON_SCIENCE", "lower": None, "upper": None, "nclip": 5,
+        "lsigma": 4.0, "usigma": 4.0, "binwidth": 0.1, "in_memory": True}),
+    StepSpec("outlier_detection", "OutlierDetectionStep", "S_OUTLIR", (), {
+        "weight_type": "ivm", "pixfrac": 1.0, "kernel": "square", "fillval": "NAN", "maskpt": 0.7, "snr": "5.0 4.0",
+        "scale": "1.2 0.7", "backg": 0.0, "kernel_size": "7 7", "threshold_percent": 99.8,
+        "rolling_window_width": 25, "ifu_second_check": False, "save_intermediate_results": False,
+        "resample_data": True, "good_bits": "~DO_NOT_USE", "in_memory": True, "pixmap_stepsize": 1.0,
+        "pixmap_order": 1}),
+    StepSpec("resample", "ResampleStep", "S_RESAMP", (), RESAMPLE_DEFAULTS),
+    StepSpec("source_catalog", "SourceCatalogStep", "S_SRCCAT", (), {
+        "aperture_ee1": 30, "aperture_ee2": 50, "aperture_ee3": 70, "ci1_star_threshold": 2.0,
+        "ci2_star_threshold": 1.8, "starfinder": "segmentation", "snr_threshold": 3.0, "bkg_boxsize": 1000,
+        "kernel_fwhm": 2.0, "minsep_fwhm": 0.0, "sigma_radius": 1.5, "sharplo": 0.5, "sharphi": 2.0, "roundlo": 0.0,
+        "roundhi": 0.2, "brightest": 200, "peakmax": None, "npixels": 25, "connectivity": 8, "nlevels": 32,
+        "contrast": 0.001, "multithresh_mode": "exponential", "localbkg_width": 0, "apermask_method": "correct",
+        "kron_params": None, "deblend": True}),
+)
+
 #: steps calstream does not implement: running them (skip=False) is an error, never a silent no-op
 NOT_IMPLEMENTED: dict[str, str] = {
     "resample": "resampling (drizzle to an i2d product) is not implemented in calstream",
@@ -130,11 +173,13 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "persistence": "persistence flagging is not implemented in calstream",
 }
 
-PIPELINE_CLASS = {"calwebb_detector1": "Detector1Pipeline", "calwebb_image2": "Image2Pipeline"}
+PIPELINE_CLASS = {"calwebb_detector1": "Detector1Pipeline", "calwebb_image2": "Image2Pipeline",
+                  "calwebb_image3": "Image3Pipeline"}
 #: key of a parameter layer that holds pipeline-level (not step) parameters
 PIPELINE_KEY = "_pipeline"
 PIPELINE_PARAMETERS = {"calwebb_detector1": {"save_calibrated_ramp": False},
-                       "calwebb_image2": {"save_bsub": False}}
+                       "calwebb_image2": {"save_bsub": False},
+                       "calwebb_image3": {"in_memory": True}}
 
 
 def step_spec(name: str, pipeline: Iterable[StepSpec] = DETECTOR1_NIR) -> StepSpec:
@@ -303,7 +348,7 @@ def _pars_tree_layer(tree: Mapping[str, Any], names: set[str], source: str) -> d
 def _step_name_for(name: str, names: set[str]) -> str | None:
     if name in names:
         return name
-    for spec in DETECTOR1_NIR:
+    for spec in DETECTOR1_NIR + IMAGE2 + IMAGE3:
         if spec.class_name == name and spec.name in names:
             return spec.name
     return None

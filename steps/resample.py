@@ -22,8 +22,10 @@ Arrays are numpy ``(ny, nx)``: float32 images, uint32 DQ; world coordinates in d
 from __future__ import annotations
 
 import math
+import tempfile
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numba
@@ -118,6 +120,11 @@ class OutputGrid:
     crpix: tuple[float, float]  # 0-based
     crval: tuple[float, float]  # deg
     pc: np.ndarray              # (2, 2)
+
+    @property
+    def key(self) -> int:
+        """Identifies the grid's geometry (equal for grids built from the same parameters)."""
+        return hash((self.shape, self.crpix, self.crval, self.pixel_scale, tuple(self.pc.ravel())))
 
     @property
     def pixelarea_arcsecsq(self) -> float:
@@ -308,14 +315,31 @@ def pixel_map(wcs_from: Any, wcs_to: Any, shape: tuple[int, int], rows: slice | 
     ny, nx = shape
     rows = rows or slice(0, ny)
     y, x = np.mgrid[rows.start:rows.stop, 0:nx].astype(np.float64)
+    if _inside_bounding_box(wcs_from, x, y):
+        world = wcs_from(x, y, with_bounding_box=False)    # same values, without the bbox bookkeeping
+    else:
+        world = wcs_from.pixel_to_world_values(x, y)
     bbox_to = wcs_to.bounding_box
     wcs_to.bounding_box = None
     try:
-        ox, oy = wcs_to.world_to_pixel_values(*wcs_from.pixel_to_world_values(x, y))
+        ox, oy = wcs_to.world_to_pixel_values(*world)
     finally:
         if bbox_to is not None:
             wcs_to.bounding_box = bbox_to
     return np.dstack([ox, oy])
+
+
+def _inside_bounding_box(wcs: Any, x: np.ndarray, y: np.ndarray) -> bool:
+    """True when every (x, y) lies within ``wcs``'s bounding box (or it has none)."""
+    bbox = wcs.bounding_box
+    if bbox is None:
+        return True
+    try:
+        bbox = bbox.bounding_box(order="F")
+    except AttributeError:
+        pass
+    (x0, x1), (y0, y1) = bbox
+    return bool(x.min() >= x0 and x.max() <= x1 and y.min() >= y0 and y.max() <= y1)
 
 
 def full_pixel_map(wcs_from: Any, wcs_to: Any, shape: tuple[int, int],
@@ -328,19 +352,66 @@ def full_pixel_map(wcs_from: Any, wcs_to: Any, shape: tuple[int, int],
 
 
 def blot(median: np.ndarray, grid_wcs: Any, target_wcs: Any, target_shape: tuple[int, int], *,
-         fillval: float = np.nan, chunk_pixels: int = PIXMAP_CHUNK_PIXELS) -> np.ndarray:
+         fillval: float = np.nan, pixmap: np.ndarray | None = None,
+         chunk_pixels: int = PIXMAP_CHUNK_PIXELS) -> np.ndarray:
     """float32 ``target_shape``: ``median`` (on ``grid_wcs``) interpolated (bilinear) at every
-    target pixel, as jwst's outlier detection blots the median back (unmapped pixels: fillval)."""
+    target pixel, as jwst's outlier detection blots the median back (unmapped pixels: fillval).
+
+    ``pixmap`` (target pixel -> grid pixel, :func:`full_pixel_map`) may be given to skip the WCS.
+    """
     from drizzle.resample import blot_image  # noqa: PLC0415
 
     data = np.asarray(median, dtype=np.float32)
     out = np.full(target_shape, fillval, dtype=np.float32)
     for rows in row_chunks(*target_shape, chunk_pixels):
-        pmap = pixel_map(target_wcs, grid_wcs, target_shape, rows)
+        if pixmap is None:
+            pmap = pixel_map(target_wcs, grid_wcs, target_shape, rows)
+        else:
+            pmap = np.array(pixmap[rows], dtype=np.float64)
         pmap[np.isnan(pmap)] = -1     # tblot cannot take NaN coordinates (what stcal does)
         block = out[rows]
         blot_image(data=data, pixmap=pmap, out_img=block, fillval=fillval, iscale=1.0, interp="linear")
     return out
+
+
+class PixmapCache:
+    """Pixel maps of inputs onto grids, computed once and kept in ``.npy`` files (not in RAM).
+
+    Outlier detection drizzles and blots each exposure with the same map, and the final resample
+    reuses it when its grid is the same: one WCS evaluation per exposure instead of three.
+    Use as a context manager; the files live in a temporary folder under ``directory``.
+    """
+
+    def __init__(self, directory: str | Path | None = None,
+                 chunk_pixels: int = PIXMAP_CHUNK_PIXELS) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="calstream-pixmaps-", dir=directory)
+        self._files: dict[tuple[str, int], Path] = {}
+        self.chunk_pixels = chunk_pixels
+        self.computed = 0
+
+    def __enter__(self) -> "PixmapCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Delete the files."""
+        self._files.clear()
+        self._tmp.cleanup()
+
+    def get(self, key: str, wcs_from: Any, grid: "OutputGrid", shape: tuple[int, int]) -> np.ndarray:
+        """The map of input ``key`` (with ``wcs_from``, ``shape``) onto ``grid``."""
+        ident = (key, grid.key)
+        path = self._files.get(ident)
+        if path is not None:
+            return np.load(path)
+        pmap = full_pixel_map(wcs_from, grid.wcs, shape, self.chunk_pixels)
+        self.computed += 1
+        path = Path(self._tmp.name) / f"{len(self._files)}.npy"
+        np.save(path, pmap)
+        self._files[ident] = path
+        return pmap
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,14 +539,16 @@ class MosaicAccumulator:
         self._tmeasure_known: list[bool] = []
         self.n_added = 0
 
-    def add(self, image: ResampleInput) -> None:
-        """Drizzle one exposure (and its variances) onto the grid."""
+    def add(self, image: ResampleInput, pixmap: np.ndarray | None = None) -> None:
+        """Drizzle one exposure (and its variances) onto the grid; ``pixmap`` (input pixel -> grid
+        pixel, :func:`full_pixel_map`) is computed from the WCSs when not given."""
         data = np.asarray(image.sci, dtype=np.float32)
         if data.ndim != 2:
             raise ValueError(f"{image.name or 'input'}: resample needs a 2-D image, got shape {data.shape}")
         if image.times.exposure_time is None or image.times.exposure_time <= 0:
             raise ValueError(f"{image.name or 'input'}: exposure time must be positive")
-        pixmap = full_pixel_map(image.wcs, self.grid.wcs, data.shape, self.chunk_pixels)
+        if pixmap is None:
+            pixmap = full_pixel_map(image.wcs, self.grid.wcs, data.shape, self.chunk_pixels)
         weight = drizzle_weight(image.dq, image.var_rnoise, self.weight_type, self.good_bits,
                                 image.times.weight_time())
         if not image.sky_subtracted and image.sky_level is not None:
@@ -597,7 +670,7 @@ def resample_range(shape: tuple[int, int], bbox: Any = None) -> tuple[int, int, 
 
 
 __all__ = [
-    "ExposureTimes", "GOOD_BITS", "KERNELS", "Mosaic", "MosaicAccumulator", "OutputGrid", "ResampleInput",
+    "ExposureTimes", "GOOD_BITS", "KERNELS", "Mosaic", "MosaicAccumulator", "OutputGrid", "PixmapCache", "ResampleInput",
     "WcsReference", "bad_bits", "blot", "compute_scale", "drizzle_weight", "error_from_variances",
     "fiducial_of", "footprint", "full_pixel_map", "good_pixel_mask", "mean_pixel_area", "output_grid",
     "pixel_map", "resample_range", "rotation_matrix", "row_chunks", "spherical_polygon_area",
