@@ -10,6 +10,7 @@
     replication_factor = 1
     session_timeout_ms = 10000
     heartbeat_interval_ms = 3000
+    max_in_flight = 4               # arrivals a daemon works on at once (default: 2 x workers)
     # security, passed through to kafka-python unchanged:
     security_protocol = "SASL_SSL"
     sasl_mechanism = "SCRAM-SHA-512"
@@ -76,6 +77,7 @@ class KafkaSettings:
     request_timeout_ms: int = 10000
     poll_timeout_ms: int = 200
     max_poll_records: int = 16
+    max_in_flight: int | None = None        # unfinished arrivals per daemon; default 2 x workers
     probe_interval_s: float = 2.0
     retry_backoff_max_s: float = 10.0
     max_buffered_events: int = 100000
@@ -127,7 +129,7 @@ def ensure_topics(settings: KafkaSettings, names: tuple[str, ...] | None = None)
 
 _INT_KEYS = ("partitions", "replication_factor", "session_timeout_ms", "heartbeat_interval_ms",
              "max_poll_interval_ms", "request_timeout_ms", "poll_timeout_ms", "max_poll_records",
-             "max_buffered_events")
+             "max_buffered_events", "max_in_flight")
 _FLOAT_KEYS = ("probe_interval_s", "retry_backoff_max_s")
 
 

@@ -41,6 +41,7 @@ class Outgoing:
     topic: str
     key: bytes | None
     value: bytes
+    on_delivered: Callable[[], None] | None = None
 
 
 def encode_event(event: Mapping[str, Any]) -> bytes:
@@ -83,9 +84,11 @@ class KafkaSink:
             return
         self.send(topic, event_key(event), encode_event(event))
 
-    def send(self, topic: str, key: str | None, value: bytes) -> None:
-        """Queue one message; never blocks. A full buffer drops its oldest message."""
-        item = Outgoing(topic, None if key is None else key.encode("utf-8"), value)
+    def send(self, topic: str, key: str | None, value: bytes,
+             on_delivered: Callable[[], None] | None = None) -> None:
+        """Queue one message; never blocks. ``on_delivered()`` runs (on the sender thread) once the
+        broker acknowledged it. A full buffer drops its oldest message."""
+        item = Outgoing(topic, None if key is None else key.encode("utf-8"), value, on_delivered)
         with self._cond:
             if len(self._buffer) >= self.settings.max_buffered_events:
                 lost = self._buffer.popleft()
@@ -181,14 +184,19 @@ class KafkaSink:
 
     def _remove_delivered(self, count: int) -> None:
         with self._cond:
-            for _ in range(count):
-                item = self._buffer.popleft()
-                if self._metrics:
-                    self._metrics.published.labels(item.topic).inc()
+            delivered = [self._buffer.popleft() for _ in range(count)]
             self.sent += count
             if self._metrics:
                 self._metrics.buffered.set(len(self._buffer))
             self._cond.notify_all()
+        for item in delivered:
+            if self._metrics:
+                self._metrics.published.labels(item.topic).inc()
+            if item.on_delivered is not None:
+                try:
+                    item.on_delivered()
+                except Exception:  # noqa: BLE001 - a callback must not stop the sender
+                    log.exception("delivery callback failed", topic=item.topic)
 
     def _wait(self, seconds: float) -> None:
         with self._cond:

@@ -54,11 +54,17 @@ Done = Callable[[], None]
 class AssociationRouting(Protocol):
     """How the source hands association traffic to :mod:`calstream.daemon.kafka_associations`."""
 
-    def declare(self, message: ArrivalMessage, origin: str, done: Done) -> None:
+    def declare(self, message: ArrivalMessage, origin: str, done: Done, submit: Submit) -> None:
         """An asn file arrived: publish its declaration; call ``done()`` once the broker has it."""
 
     def handle(self, value: bytes | None, origin: str, submit: Submit, done: Done) -> None:
         """A message of the association-events topic this daemon's group member received."""
+
+    def assignment_changed(self, partitions: set[int]) -> None:
+        """The association-events partitions assigned to this member now (poll thread)."""
+
+    def revoked(self) -> None:
+        """A rebalance started (IO thread): nothing is owned until the next assignment."""
 
 
 def origin_of(record: Any) -> str:
@@ -91,6 +97,7 @@ class KafkaSource:
         self._thread: threading.Thread | None = None
         self._submit: Submit | None = None
         self._consumer: Any = None
+        self._owned_reported: set[int] | None = None    # association partitions last told to routing
         self.counts = {"submitted": 0, "malformed": 0, "committed": 0, "joined": 0}
 
     @property
@@ -150,6 +157,7 @@ class KafkaSource:
         except Exception:  # noqa: BLE001 - a consumer of a dead broker may fail to close
             log.debug("closing the Kafka consumer failed", exc_info=True)
         self.tracker.drop(self.tracker.partitions())
+        self._revoke_ownership()
 
     def _run(self) -> None:
         backoff = Backoff(0.2, self.settings.retry_backoff_max_s)
@@ -165,6 +173,7 @@ class KafkaSource:
                 self._commit(self._consumer)
                 self._flow_control(self._consumer)
                 records = self._consumer.poll(timeout_ms=self.settings.poll_timeout_ms)
+                self._report_ownership(self._consumer)
                 if records:
                     self._handle(self._consumer, records)
                 if time.monotonic() >= next_probe:
@@ -177,6 +186,15 @@ class KafkaSource:
                 self._disconnect(commit=False)
                 self._stop.wait(backoff.next_delay())
         self._disconnect(commit=True)
+
+    def _report_ownership(self, consumer: Any) -> None:
+        """Tell the router which association partitions are ours after each (re)assignment."""
+        if self.routing is None:
+            return
+        owned = {tp.partition for tp in consumer.assignment() if tp.topic == self.settings.topics.associations}
+        if owned != self._owned_reported:
+            self._owned_reported = owned
+            self.routing.assignment_changed(owned)
 
     def _probe(self, consumer: Any) -> None:
         """A metadata round trip; raises when the broker is away or our topics vanished."""
@@ -197,6 +215,11 @@ class KafkaSource:
                     consumer.pause(partition)
                     break
                 self._dispatch(partition, record)
+
+    def _revoke_ownership(self) -> None:
+        if self.routing is not None:
+            self._owned_reported = None
+            self.routing.revoked()
 
     def _room(self) -> bool:
         if self._draining.is_set():
@@ -227,7 +250,7 @@ class KafkaSource:
             return
         ticket = self.tracker.begin(partition, record.offset)
         if message.kind == "asn" and self.routing is not None:
-            self.routing.declare(message, origin, lambda: self._acks.put(ticket))
+            self.routing.declare(message, origin, lambda: self._acks.put(ticket), self._submit_arrival)
             return
         self._submit_with_ticket(Arrival(path=message.path, kind=message.kind, origin=origin,
                                          size=message.size, checksum=message.checksum), ticket)
@@ -324,6 +347,7 @@ class _Rebalance(ConsumerRebalanceListener):
         if offsets:
             self.consumer.commit_async({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
         source.tracker.drop(revoked)
+        source._revoke_ownership()
         if revoked:
             log.info("partitions revoked", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked),
                      committed=len(offsets))
@@ -333,6 +357,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_lost(self, lost: Any) -> None:
         self.source.tracker.drop(lost)
+        self.source._revoke_ownership()
         log.warning("partitions lost (group membership expired)",
                     partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in lost))
 
