@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import structlog
 
@@ -80,6 +80,9 @@ class Scheduler:
         self.workers = workers
         self.memory_budget = memory_budget
         self.stuck_after = stuck_after
+        #: optional ``gate(asn) -> bool``: False = another daemon owns this association's stage 3
+        #: (Kafka scale-out, see kafka_associations.AssociationRouter.owns)
+        self.stage3_gate: Callable[[AssociationRecord], bool] | None = None
         self._lock = threading.Lock()
         self._backlog = 0
         self._reserved = 0
@@ -156,6 +159,8 @@ class Scheduler:
         cal products); mark it stuck when its deadline passed. Returns it when its state changed."""
         now = time.time() if now is None else now
         if asn.state in ("running", "ready", "skipped"):
+            return None
+        if self.stage3_gate is not None and not self.stage3_gate(asn):
             return None
         if asn.asn_type not in STAGE3_PIPELINES:
             reason = (f"no stage 3 pipeline for asn_type={asn.asn_type!r} in calstream yet "
