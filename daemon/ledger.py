@@ -365,6 +365,12 @@ class Ledger:
     def close(self) -> None:
         self._db.close()
 
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @contextmanager
     def transaction(self) -> Iterator["Ledger"]:
         """One atomic change (nested calls join the outer transaction)."""
@@ -737,11 +743,31 @@ class Ledger:
         out = []
         for row in self._all("SELECT e.id, e.stem, e.exposure_name, e.path, e.crds_parameters, e.reftypes"
                              " FROM exposures e JOIN inputs i ON i.id = e.input_id"
-                             " WHERE i.state NOT IN ('quarantined', 'duplicate') ORDER BY e.id"):
+                             " WHERE i.state NOT IN ('quarantined', 'duplicate', 'remote') ORDER BY e.id"):
             asns = tuple(sorted(set(members.get(row["stem"], []) + members.get(row["exposure_name"], []))))
             out.append(ExposureRecord(int(row["id"]), row["stem"], row["path"], json.loads(row["crds_parameters"]),
                                       json.loads(row["reftypes"]), uses.get(row["id"], {}), asns))
         return out
+
+    def get_meta(self, key: str) -> str | None:
+        """A value of the ledger's key/value ``meta`` table (e.g. the re-processing campaign)."""
+        row = self._one("SELECT value FROM meta WHERE key=?", (key,))
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction():
+            self._db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                             (key, value))
+
+    def last_job_id(self) -> int:
+        row = self._one("SELECT MAX(id) FROM jobs")
+        return int(row[0] or 0)
+
+    def lane_job_counts(self, lane: str, after_job_id: int = 0) -> dict[tuple[str, str], int]:
+        """(stage, state) -> jobs of ``lane`` with an id above ``after_job_id``."""
+        return {(r[0], r[1]): int(r[2]) for r in self._all(
+            "SELECT stage, state, COUNT(*) FROM jobs WHERE lane=? AND id>? GROUP BY stage, state",
+            (lane, after_job_id))}
 
     # -- operator requests (the only rows other processes write) --------------------------------
 

@@ -80,6 +80,8 @@ class Daemon:
         self._sinks: list[Sink] = [LogSink()]
         self._context_listeners: list[ContextListener] = []
         self._pre_dispatch: list[PreDispatch] = []
+        self._request_handlers: dict[str, Callable[[str | None], str]] = {
+            "force": lambda asn_id: self.force(str(asn_id)), "context": self._context_request}
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._acks: dict[int, list[Callable[[str], None]]] = {}
         self._reserved: dict[int, int] = {}
@@ -110,6 +112,12 @@ class Daemon:
         """``hook(job, task)`` runs on the main thread just before a job goes to a worker; it may
         edit the task dict (e.g. the context) or move the previous products to a history folder."""
         self._pre_dispatch.append(hook)
+
+    def add_request_handler(self, command: str, handler: Callable[[str | None], str]) -> None:
+        """Answer operator requests ``command`` (rows another process put in the ledger's requests
+        table) with ``handler(argument) -> result`` on the main thread; a result starting with
+        "error" means failure. Built in: "force" (asn id) and "context" (a .pmap name)."""
+        self._request_handlers[command] = handler
 
     def submit(self, arrival: Arrival) -> None:
         """Hand an arrival to the daemon (any thread; never blocks)."""
@@ -529,7 +537,7 @@ class Daemon:
         log.info("job done", job=job.id, step=job.stage, seconds=round(float(result.get("seconds") or 0), 3),
                  products=[Path(p.path).name for p in products], context=context, **subject)
         for product in products:
-            self._publish(product_event(path=product.path, product_type=product.kind, stage=job.stage,
+            self._publish(product_event(path=product.path, product_type=product.kind.split(":")[0], stage=job.stage,
                                         crds_context=context, cal_ver=result.get("cal_ver"),
                                         checksum=product.checksum, **subject))
         self._fire_acks(settled)
@@ -620,16 +628,23 @@ class Daemon:
         with self.ledger.transaction():
             return self.scheduler.force(asn_id)
 
+    def _context_request(self, context: str | None) -> str:
+        if not context or not str(context).endswith(".pmap"):
+            raise ValueError(f"not a CRDS context name: {context!r} (expected e.g. jwst_0002.pmap)")
+        self.on_context_change(str(context), "operator")
+        return f"context {context} recorded as active"
+
     def _handle_requests(self) -> None:
         assert self.ledger is not None
         for request in self.ledger.pending_requests():
+            handler = self._request_handlers.get(request["command"])
             try:
-                if request["command"] == "force":
-                    result = self.force(request["argument"])
+                if handler is None:
+                    result = f"error: this daemon has no handler for {request['command']!r} requests"
                 else:
-                    result = f"error: unknown command {request['command']!r}"
-            except LookupError as exc:
-                result = f"error: {exc.args[0]}"
+                    result = handler(request["argument"])
+            except (LookupError, ValueError) as exc:
+                result = f"error: {exc.args[0] if exc.args else exc}"
             self.ledger.finish_request(request["id"], result)
             log.info("operator request", command=request["command"], argument=request["argument"], result=result)
 

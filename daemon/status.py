@@ -95,11 +95,14 @@ def render_status(ledger: Ledger, pid: int | None = None, errors: int = 10) -> s
     asns = ledger.association_counts()
     lines += ["", "inputs: " + (", ".join(f"{k} {v}" for k, v in sorted(inputs.items())) or "none"),
               "associations: " + (", ".join(f"{k} {v}" for k, v in sorted(asns.items())) or "none")]
+    from .reprocess import progress_lines  # noqa: PLC0415
+
+    lines += ["", *progress_lines(ledger)]
     stuck = ledger.associations_in_state("stuck", "waiting")
     if stuck:
         now = time.time()
         rows = [(a.asn_id, a.state, a.product_name, len(a.members),
-                 _age(now - a.created_at), (a.note or "")[:70]) for a in stuck]
+                 _age(now - a.created_at), (a.note or "")[:160]) for a in stuck]
         lines += ["", "waiting / stuck associations"] + table(
             ("asn_id", "state", "product", "members", "waiting", "note"), rows)
     recent = ledger.recent_errors(errors)
