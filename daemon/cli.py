@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     from .commands import add_daemon_parsers  # noqa: PLC0415
 
     add_daemon_parsers(sub)
+    from .reprocess import add_reprocess_parsers  # noqa: PLC0415
+
+    add_reprocess_parsers(sub)
     return parser
 
 
