@@ -58,15 +58,21 @@ def gaussian_aperture_params(fwhm: float, ee: Sequence[int] = (30, 50, 70), bkg_
 def growth_curve_aperture_params(data: np.ndarray, xy: np.ndarray, fwhm: float, ee: Sequence[int] = (30, 50, 70),
                                  growth_radius_fwhm: float = 4.0, bkg_inner_fwhm: float = 4.0,
                                  bkg_outer_fwhm: float = 6.0) -> ApertureParams:
-    """Apertures from the mean normalised curve of growth of the point sources at ``xy`` ((n, 2)
-    pixels) on background-subtracted ``data``; the flux within ``growth_radius_fwhm`` x FWHM counts
-    as total (the corrections miss any light beyond it)."""
+    """Apertures from the median normalised curve of growth of the point sources at ``xy`` ((n, 2)
+    pixels) on ``data`` (NaN = masked), each source's local background (annulus ``bkg_inner_fwhm``
+    to ``bkg_outer_fwhm`` x FWHM, as the aperture fluxes) subtracted; the flux within
+    ``growth_radius_fwhm`` x FWHM counts as total (the corrections miss any light beyond it)."""
     from photutils.aperture import CircularAperture, aperture_photometry  # noqa: PLC0415
 
     r_max = growth_radius_fwhm * fwhm
     radii = np.linspace(0.2, r_max, 60)
-    phot = aperture_photometry(data, [CircularAperture(xy, r) for r in radii])
-    curves = np.array([np.asarray(phot[f"aperture_sum_{i}"], float) for i in range(len(radii))]).T
+    apertures = [CircularAperture(xy, r) for r in radii]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        phot = aperture_photometry(np.nan_to_num(data), apertures, mask=~np.isfinite(data))
+    sky, _ = local_background(data, xy, bkg_inner_fwhm * fwhm, bkg_outer_fwhm * fwhm)
+    curves = np.array([np.asarray(phot[f"aperture_sum_{i}"], float) - sky * a.area
+                       for i, a in enumerate(apertures)]).T
     curves = curves / curves[:, -1:]
     mean = np.median(curves, axis=0)
     mean = np.maximum.accumulate(mean)            # monotone for interpolation
@@ -108,7 +114,7 @@ def measure_sources(sci: np.ndarray, err: np.ndarray, wht: np.ndarray, wcs: Any,
     finite = np.all(np.isfinite(xy), axis=1)
     fwhm = _point_source_fwhm(cat, finite)
     if aperture_params is None:
-        aperture_params = _image_aperture_params(clean, xy, finite, cat, fwhm, aperture_ee)
+        aperture_params = _image_aperture_params(np.where(mask, np.nan, clean), xy, finite, cat, fwhm, aperture_ee)
     table = _segment_columns(cat, xy, wcs)
     _aperture_columns(table, np.where(mask, np.nan, data), np.where(mask, np.nan, error), xy, finite,
                       aperture_params)
@@ -154,7 +160,7 @@ def _point_source_fwhm(cat: Any, finite: np.ndarray) -> float:
     return float(np.median(values[: max(1, (len(values) + 1) // 2)]))
 
 
-def _image_aperture_params(clean: np.ndarray, xy: np.ndarray, finite: np.ndarray, cat: Any, fwhm: float,
+def _image_aperture_params(data: np.ndarray, xy: np.ndarray, finite: np.ndarray, cat: Any, fwhm: float,
                            ee: Sequence[int]) -> ApertureParams:
     """Curve-of-growth apertures from bright compact isolated sources, else a Gaussian's."""
     with warnings.catch_warnings():
@@ -162,12 +168,12 @@ def _image_aperture_params(clean: np.ndarray, xy: np.ndarray, finite: np.ndarray
         fwhm_all = 2.0 * np.asarray(getattr(cat.flux_radius(0.5), "value", cat.flux_radius(0.5)), float)
     snr = np.asarray(cat.segment_flux, float) / np.asarray(cat.segment_flux_err, float)
     nn = _nearest_neighbour_distance(xy, finite)
-    ny, nx = clean.shape
+    ny, nx = data.shape
     edge = 6.0 * fwhm
     inside = finite & (xy[:, 0] > edge) & (xy[:, 0] < nx - 1 - edge) & (xy[:, 1] > edge) & (xy[:, 1] < ny - 1 - edge)
     stars = inside & (snr > 50) & (np.abs(fwhm_all - fwhm) < 0.15 * fwhm) & (nn > 10.0 * fwhm)
     if stars.sum() >= 3:
-        return growth_curve_aperture_params(clean, xy[stars], fwhm, ee)
+        return growth_curve_aperture_params(data, xy[stars], fwhm, ee)
     return gaussian_aperture_params(fwhm, ee)
 
 

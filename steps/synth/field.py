@@ -71,11 +71,12 @@ class FieldExposure:
     nominal: FieldPointing           # in the header
     true: FieldPointing              # used to render the sources
     error_arcsec: tuple[float, float, float]   # (dRA cos(Dec), dDec, dRoll) true - nominal
+    start: str = ""                  # UTC exposure start (sets the true gain)
     surviving_crs: list[dict] = field(default_factory=list)
     n_cosmic_ray_pixels: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"exposure": self.exposure, "uncal": str(self.uncal_path), "cal": self.cal_name,
+        return {"exposure": self.exposure, "uncal": str(self.uncal_path), "cal": self.cal_name, "start": self.start,
                 "ngroups": self.ngroups, "nominal_pointing": self.nominal.as_dict(),
                 "true_pointing": self.true.as_dict(),
                 "pointing_error_arcsec": {"dra_cosdec": self.error_arcsec[0], "ddec": self.error_arcsec[1],
@@ -110,17 +111,19 @@ class FieldInfo:
 
 def generate_field(out_dir: str | os.PathLike, crds_root: str | os.PathLike, *, detector: str = "NRCA1",
                    subarray: str = "SUB640", n_exposures: int = 4,
-                   ngroups: int | Sequence[int] = (6, 6, 6, 2), readpatt: str = "RAPID", seed: int = 0,
+                   ngroups: int | Sequence[int] = (3, 3, 2, 2), readpatt: str = "RAPID", seed: int = 0,
                    cache_seed: int = 0, pointing_error_arcsec: float = 0.15, roll_error_arcsec: float = 5.0,
                    exact_first_pointing: bool = True, stars_per_arcmin2: float = 300.0,
-                   galaxies_per_arcmin2: float = 100.0, flux_range: tuple[float, float] = (800.0, 8000.0),
+                   galaxies_per_arcmin2: float = 100.0, flux_range: tuple[float, float] = (1500.0, 20000.0),
                    sky: float = 3.0, target_ra: float = 53.16, target_dec: float = -27.78, pa_v3: float = 45.0,
                    dithers: Sequence[tuple[float, float]] = FIELD_DITHERS,
                    product_name: str = "synth_field", start: str = "2024-03-01T12:00:00.000",
                    via_datamodels: bool = True, noise: NoiseParams | None = None) -> FieldInfo:
     """Write a dithered field's uncal files, its level-3 association and truth into ``out_dir``.
 
-    ``ngroups`` is one value or one per exposure (cycled). ``seed`` draws the scene and the pointing
+    ``ngroups`` is one value or one per exposure (cycled); the default mixes 3-group exposures with
+    2-group ones, whose cosmic rays all survive stage 1 and which still weigh ~10% each in an
+    inverse-variance mosaic (so a cosmic ray left in would show). ``seed`` draws the scene and the pointing
     errors; ``cache_seed`` is the synthetic CRDS cache's seed (pixel maps, references, and with the
     exposure number, the noise and cosmic rays). The association's members are the ``_cal.fits``
     names of the exposures (calibrate them into ``out_dir``).
@@ -159,14 +162,14 @@ def generate_field(out_dir: str | os.PathLike, crds_root: str | os.PathLike, *, 
         t_next = _next_start(cfg)
         exposure = FieldExposure(exposure=n + 1, uncal_path=truth.paths[0],
                                  cal_name=exposure_basename(cfg, suffix="cal"), ngroups=groups[n],
-                                 nominal=nominal, true=true, error_arcsec=err,
+                                 nominal=nominal, true=true, error_arcsec=err, start=cfg.start,
                                  n_cosmic_ray_pixels=int(len(truth.cosmic_rays)))
         exposure.surviving_crs = surviving_cosmic_rays(truth, cfg, wcs)
         exposures.append(exposure)
         wcss.append(wcs)
         truths.append((cfg, pixels))
     rows = source_truth(sources, truths, cache, det, filt, cache_seed)
-    return _write_products(out_dir, cache, det, sub_name, filt, product_name, exposures, wcss, rows, sky)
+    return _write_products(out_dir, cache, det, sub_name, filt, product_name, exposures, wcss, rows, sky, cache_seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +405,8 @@ def _mark_isolated(rows: list[dict], sources: Sequence[SkySource]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _write_products(out_dir: Path, cache: CrdsCacheInfo, det: str, sub_name: str, filt: str, product_name: str,
-                    exposures: list[FieldExposure], wcss: list[Any], rows: list[dict], sky: float) -> FieldInfo:
+                    exposures: list[FieldExposure], wcss: list[Any], rows: list[dict], sky: float,
+                    cache_seed: int) -> FieldInfo:
     from astropy.table import Table  # noqa: PLC0415
 
     from ..asn import asn_from_list, write_association  # noqa: PLC0415
@@ -419,7 +423,7 @@ def _write_products(out_dir: Path, cache: CrdsCacheInfo, det: str, sub_name: str
     truth = {"product_name": product_name, "asn": asn_path.name, "refcat": refcat_path.name, "detector": det,
              "subarray": sub_name, "filter": filt, "pupil": "CLEAR", "photmjsr": photmjsr(det, filt),
              "pixar_sr": pixel_area_sr(det), "pixel_scale_arcsec": detector_info(det).pixel_scale,
-             "sky_e_s": sky, "crds_context": cache.operational_context,
+             "sky_e_s": sky, "crds_context": cache.operational_context, "cache_seed": cache_seed,
              "exposures": [e.to_dict() for e in exposures], "sources": rows}
     truth_path = out_dir / f"{product_name}_truth.json"
     with atomic_output(truth_path) as tmp, open(tmp, "w") as stream:
