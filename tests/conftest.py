@@ -52,3 +52,22 @@ def sub160_observation(crds_cache, tmp_path_factory):
 def sub160_uncal(sub160_observation):
     """Path of the NRCA1 SUB160 uncal file."""
     return sub160_observation.uncal_paths[0]
+
+
+@pytest.fixture(scope="session")
+def image3_field(crds_cache, tmp_path_factory):
+    """FieldInfo of a calibrated SUB160 dithered field for calwebb_image3 (synth.field: 4 NRCA1
+    exposures, the 2-group ones keep their cosmic rays through stage 1; 100x the default cosmic-ray
+    rate so a 160x160 window gets some), each run through calwebb_detector1 and calwebb_image2 into
+    the association's folder."""
+    from calstream.steps.detector1 import calibrate_file
+    from calstream.steps.image2 import calibrate_rate_file
+    from calstream.steps.synth.exposures import NoiseParams
+    from calstream.steps.synth.field import generate_field
+
+    out = tmp_path_factory.mktemp("image3_field")
+    info = generate_field(out, crds_cache.root, subarray="SUB160", seed=1, noise=NoiseParams(cr_rate=5e-3))
+    for uncal in info.uncal_paths:
+        rate = calibrate_file(uncal, out, context=info.context).products["rate"]
+        calibrate_rate_file(rate, out, context=info.context)
+    return info
