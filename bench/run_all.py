@@ -18,6 +18,7 @@ RUNS = [
     ["bench_ramp_fit.py"],
     ["bench_ramp_fit.py", "--nints", "3", "--ny", "640", "--nx", "640"],
     ["bench_affected.py"],
+    ["bench_daemon.py"],
 ]
 
 
