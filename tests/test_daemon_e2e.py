@@ -333,3 +333,26 @@ def test_sigterm_kill9_restart_and_forced_association(observation, tmp_path):
         assert job.error_class == "StepNotImplementedError"
     assert_complete_products(d.out)
     ledger.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. a job over its time limit is killed and retried, then fails visibly
+# ---------------------------------------------------------------------------------------------
+
+def test_job_time_limit_kills_and_retries(observation, tmp_path):
+    exp1 = observation["exposures"][0]
+    d = DaemonProcess(tmp_path, observation["crds"], "--job-timeout", "0.05", "--max-tries", "2").start(workers=1)
+    try:
+        d.drop(exp1)
+        d.wait(lambda lg: input_state(exp1.name)(lg) == "failed", 60, "the exposure to fail after 2 tries")
+        code, body = d.http("/metrics")
+        assert 'calstream_errors_total{error_class="JobTimeout"} 2.0' in body
+    finally:
+        assert d.stop(signal.SIGTERM) == 0
+    with d.ledger() as ledger:
+        job, = ledger.jobs_for("exposure", ledger.exposures_matching(exp1.name.removesuffix("_uncal.fits"))[0].id)
+        assert (job.stage, job.state, job.tries, job.error_class) == ("detector1", "failed", 2, "JobTimeout")
+        outcomes = [e.outcome for e in reversed(ledger.recent_errors())]
+        assert outcomes == ["retry", "failed"]
+    assert not d.quarantine.exists() or not any(d.quarantine.iterdir())            # not the input's fault
+    assert all(fits_expected_size(p)[0] == "complete" for p in visible_files(d.out) if p.suffix == ".fits")

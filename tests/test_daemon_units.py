@@ -4,6 +4,7 @@ scheduler admission and cascade, quarantine, status, metrics/health."""
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -139,6 +140,32 @@ def test_folder_source_inotify_waits_for_complete_content(tmp_path):
     path.write_bytes(full.read_bytes())
     assert source.consider(path, closed=True) == 1                   # complete: no settle wait
     assert len(got) == 1
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_folder_source_watches_and_rescans(tmp_path, polling):
+    inbox = tmp_path / "inbox"
+    (inbox / "sub").mkdir(parents=True)
+    early = inbox / "jw00_uncal.fits"
+    _small_fits(early)                                               # arrived while the daemon was down
+    got: list[Arrival] = []
+    source = FolderSource(inbox, settle_seconds=0.2, rescan_seconds=0.5, polling=polling)
+    source.start(got.append)
+    try:
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.02)
+        late = inbox / "sub" / "jw01_uncal.fits"
+        tmp = inbox / "sub" / ".jw01_uncal.fits.part"                 # written under a temporary name
+        _small_fits(tmp)
+        os.replace(tmp, late)
+        (inbox / "notes.txt").write_text("ignored")
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.7)                                              # a periodic rescan passes
+    finally:
+        source.stop()
+    assert [a.path for a in got] == [early, late]
 
 
 # ---------------------------------------------------------------------------------------------
