@@ -21,8 +21,35 @@ COMPLETE = "COMPLETE"
 def select_optional_references(params: Mapping[str, Any], reftypes: list[str], context: str) -> dict[str, str]:
     """Like select_references, but a type the context does not define is simply N/A.
 
-    A file CRDS names but the local cache lacks is still an error.
+    A file CRDS names but the local cache lacks is still an error. Types the instrument's imap
+    does not define are N/A without asking crds (which would log an ERROR line for each).
     """
+    known = _defined_reftypes(params, context)
+    if known is not None:
+        unknown = {r: NOT_APPLICABLE for r in reftypes if r.lower() not in known}
+        reftypes = [r for r in reftypes if r.lower() in known]
+        if not reftypes:
+            return unknown
+        return {**unknown, **_select_defined_optional(params, reftypes, context)}
+    return _select_defined_optional(params, reftypes, context)
+
+
+def _defined_reftypes(params: Mapping[str, Any], context: str) -> set[str] | None:
+    """Reference types ``context`` defines for the exposure's instrument (None: cannot tell)."""
+    instrument = params.get("META.INSTRUMENT.NAME", params.get("INSTRUME"))
+    if not instrument:
+        return None
+    try:
+        import crds  # noqa: PLC0415 - the environment is set by crdsrefs before any selection
+
+        imap = crds.get_cached_mapping(context).get_imap(str(instrument).lower())
+        return {str(k).lower() for k in imap.selections}
+    except Exception:  # noqa: BLE001 - any crds failure: let the selection itself report it
+        return None
+
+
+def _select_defined_optional(params: Mapping[str, Any], reftypes: list[str], context: str) -> dict[str, str]:
+    """Select types the context defines; those without a match are N/A."""
     try:
         return select_references(params, reftypes, context)
     except ReferenceFileError:
