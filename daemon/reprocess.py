@@ -27,7 +27,7 @@ from .ledger import Ledger
 
 CAMPAIGN_KEY = "reprocess.campaign"
 WAITING_KEY = "reprocess.waiting"
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_REFERENCE = 0, 1, 2, 4
+EXIT_OK, EXIT_USAGE, EXIT_REFERENCE = 0, 2, 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,20 +82,32 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+class _Usage(Exception):
+    """A command-line problem (exit code 2)."""
+
+
+def _open(args: argparse.Namespace, extra: list[str], *, readonly: bool = True) -> tuple[Ledger, Any]:
+    """(the ledger, DaemonConfig or None) of a command; :class:`_Usage` for what cannot work."""
+    if extra:
+        raise _Usage(f"unknown arguments: {extra}")
+    try:
+        path, config = _settings(args)
+        return Ledger(path, readonly=True) if readonly or not path.exists() else Ledger(path), config
+    except (FileNotFoundError, ValueError) as exc:
+        raise _Usage(str(exc)) from exc
+
+
 # ---------------------------------------------------------------------------------------------
 # reprocess --dry-run
 # ---------------------------------------------------------------------------------------------
 
 def cmd_reprocess(args: argparse.Namespace, extra: list[str]) -> int:
-    if extra:
-        return _fail(f"unknown arguments: {extra}", EXIT_USAGE)
     if not args.dry_run:
         return _fail("only --dry-run is supported here; to switch the running daemon use "
                      "`calstream context use CONTEXT`", EXIT_USAGE)
     try:
-        path, _ = _settings(args)
-        ledger = Ledger(path, readonly=True)
-    except (FileNotFoundError, ValueError) as exc:
+        ledger, _ = _open(args, extra)
+    except _Usage as exc:
         return _fail(str(exc), EXIT_USAGE)
     try:
         records = ledger.exposures_for_reprocessing()
@@ -196,49 +208,34 @@ def _plan_main(argv: Sequence[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def cmd_context_use(args: argparse.Namespace, extra: list[str]) -> int:
-    from .status import daemon_pid  # noqa: PLC0415
+    from .status import answer_request, daemon_pid  # noqa: PLC0415
 
-    if extra:
-        return _fail(f"unknown arguments: {extra}", EXIT_USAGE)
     try:
-        path, _ = _settings(args)
-    except ValueError as exc:
+        ledger, _ = _open(args, extra, readonly=False)
+    except _Usage as exc:
         return _fail(str(exc), EXIT_USAGE)
-    context = normalize_context(args.context)
-    crds_path = os.environ.get("CRDS_PATH")
-    if crds_path and not (Path(crds_path) / "mappings" / "jwst" / context).is_file():
-        return _fail(f"context {context} is not in the local CRDS cache {crds_path} (sync it first)", EXIT_REFERENCE)
-    if not path.exists():
-        return _fail(f"ledger {path} does not exist", EXIT_USAGE)
-    ledger = Ledger(path)
     try:
+        context = normalize_context(args.context)
+        crds_path = os.environ.get("CRDS_PATH")
+        if crds_path and not (Path(crds_path) / "mappings" / "jwst" / context).is_file():
+            return _fail(f"context {context} is not in the local CRDS cache {crds_path} (sync it first)",
+                         EXIT_REFERENCE)
         request_id = ledger.add_request("context", context)
-        if daemon_pid(path) is None:
+        if daemon_pid(ledger.path) is None:
             print(f"request {request_id} recorded: the daemon switches to {context} when it starts")
             return EXIT_OK
-        deadline = time.monotonic() + args.wait
-        while time.monotonic() < deadline:
-            request = ledger.request(request_id)
-            if request and request["handled_at"] is not None:
-                print(request["result"])
-                return EXIT_FAILURE if request["result"].startswith("error") else EXIT_OK
-            time.sleep(0.1)
+        return answer_request(ledger, request_id, args.wait)
     finally:
         ledger.close()
-    print(f"request {request_id} recorded; the daemon has not answered within {args.wait:g} s")
-    return EXIT_OK
 
 
 def cmd_context_show(args: argparse.Namespace, extra: list[str]) -> int:
     from .crds_watch import operational_context  # noqa: PLC0415
     from .status import table  # noqa: PLC0415
 
-    if extra:
-        return _fail(f"unknown arguments: {extra}", EXIT_USAGE)
     try:
-        path, config = _settings(args)
-        ledger = Ledger(path, readonly=True)
-    except (FileNotFoundError, ValueError) as exc:
+        ledger, config = _open(args, extra)
+    except _Usage as exc:
         return _fail(str(exc), EXIT_USAGE)
     try:
         crds_path = os.environ.get("CRDS_PATH")

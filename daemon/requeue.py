@@ -123,6 +123,8 @@ class Requeue:
                 self.ledger.record_context(self.in_use, "cache", active=True)
         if self.pinned or self.policy == "auto":
             self.ledger.set_meta(TARGET_KEY, self.in_use or "")   # a pin is the operator's choice
+        if self.in_use and self.ledger.last_job_id() == 0:
+            self.ledger.set_meta(SETTLED_KEY, self.in_use)         # a new ledger: nothing made yet
         log.info("CRDS context policy", in_use=self.in_use, pinned=self.pinned, policy=self.policy,
                  cache_operational=cache, history=self.history)
         if cache and cache != self.in_use:
@@ -256,7 +258,7 @@ class Requeue:
             return
         found = [affected_from_json(a) for a in result["affected"]]
         busy = set(result["busy"])
-        extend = ids is not None
+        extend = ids is not None or origin == "restart"      # add to the campaign under way
         with self.ledger.transaction():
             info = self._campaign(context, origin, previous, found, extend)
             for item in found:

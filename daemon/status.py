@@ -147,17 +147,22 @@ def cmd_force(args: argparse.Namespace, extra: list[str]) -> int:
         return _force_offline(path, args.asn_id)
     ledger = Ledger(path)
     try:
-        request_id = ledger.add_request("force", args.asn_id)
-        deadline = time.monotonic() + args.wait
-        while time.monotonic() < deadline:
-            request = ledger.request(request_id)
-            if request and request["handled_at"] is not None:
-                print(request["result"])
-                return 1 if request["result"].startswith("error") else 0
-            time.sleep(0.1)
+        return answer_request(ledger, ledger.add_request("force", args.asn_id), args.wait)
     finally:
         ledger.close()
-    print(f"request {request_id} recorded; the daemon has not answered within {args.wait:g} s")
+
+
+def answer_request(ledger: Ledger, request_id: int, wait: float) -> int:
+    """Wait up to ``wait`` seconds for a running daemon to answer an operator request; print the
+    answer. Exit code 1 for an answer starting with "error", else 0 (also when unanswered)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        request = ledger.request(request_id)
+        if request and request["handled_at"] is not None:
+            print(request["result"])
+            return 1 if request["result"].startswith("error") else 0
+        time.sleep(0.1)
+    print(f"request {request_id} recorded; the daemon has not answered within {wait:g} s")
     return 0
 
 
@@ -177,4 +182,4 @@ def _force_offline(path: Path, asn_id: str) -> int:
     return 0
 
 
-__all__ = ["add_status_parsers", "cmd_force", "cmd_status", "render_status", "table"]
+__all__ = ["add_status_parsers", "answer_request", "cmd_force", "cmd_status", "render_status", "table"]

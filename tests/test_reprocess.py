@@ -317,6 +317,7 @@ def test_daemon_reprocesses_exactly_what_each_switch_changes(data, tmp_path):
     from calstream.daemon.cli import main
     from calstream.steps.synth.crds_cache import sync_operational_context
 
+    sync_operational_context(data["crds"], CTX[0])
     config = tmp_path / "calstream.toml"
     config.write_text('[crds]\npolicy = "auto"\nhistory = "history"\nwatch_seconds = 0.3\n')
     d = DaemonProcess(tmp_path, data["crds"], "--config", str(config)).start()
@@ -375,3 +376,135 @@ def test_daemon_reprocesses_exactly_what_each_switch_changes(data, tmp_path):
     finally:
         if d.proc is not None:
             d.proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy on a stand-in daemon: pin, manual policy, operator, exposures busy at the switch
+# ---------------------------------------------------------------------------------------------
+
+class StandInDaemon:
+    """The seams of :class:`calstream.daemon.service.Daemon` the policy uses, driven by the test
+    (``pump`` plays the main loop)."""
+
+    def __init__(self, config, ledger: Ledger) -> None:
+        import threading
+
+        from calstream.daemon.metrics import Metrics
+
+        self.config, self.ledger, self.metrics = config, ledger, Metrics()
+        self.listeners, self.hooks, self.handlers, self.calls = [], [], {}, []
+        self.recycled = 0
+        self.main = threading.current_thread()
+
+    def add_context_listener(self, listener) -> None:
+        self.listeners.append(listener)
+
+    def add_pre_dispatch(self, hook) -> None:
+        self.hooks.append(hook)
+
+    def add_request_handler(self, command, handler) -> None:
+        self.handlers[command] = handler
+
+    def call_soon(self, fn) -> None:
+        self.calls.append(fn)
+
+    def recycle_workers(self) -> None:
+        self.recycled += 1
+
+    def on_context_change(self, context: str, origin: str) -> None:
+        import threading
+
+        if threading.current_thread() is not self.main:
+            self.call_soon(lambda: self.on_context_change(context, origin))
+            return
+        self.ledger.record_context(context, origin, active=True)
+        for listener in self.listeners:
+            listener(context, origin, self)
+
+    def pump(self, until, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not until():
+            assert time.monotonic() < deadline, "timed out"
+            while self.calls:
+                self.calls.pop(0)()
+            time.sleep(0.05)
+
+
+def _reprocess_jobs(ledger: Ledger) -> dict[str, str]:
+    rows = ledger._all("SELECT e.stem, j.stage FROM jobs j JOIN exposures e ON e.id=j.subject_id"
+                       " WHERE j.lane='reprocess' AND j.kind='exposure'")
+    return {r["stem"]: r["stage"] for r in rows}
+
+
+@pytest.mark.parametrize("mode", ["pinned", "manual"])
+def test_switch_waits_for_the_operator(data, records, tmp_path, mode):
+    """Pinned (or policy manual): a synced context is recorded and waits; `context use` re-processes.
+    An exposure busy at the switch is re-checked once its job is done."""
+    from calstream.daemon.config import DaemonConfig
+    from calstream.daemon.reprocess import WAITING_KEY, campaign, progress_lines
+    from calstream.daemon.requeue import Requeue
+    from calstream.steps.synth.crds_cache import sync_operational_context
+
+    sync_operational_context(data["crds"], CTX[0])
+    ledger = ledger_from_records(tmp_path / "ledger.sqlite", data, records)
+    config = DaemonConfig(ledger=tmp_path / "ledger.sqlite", output_dir=tmp_path, crds_path=data["crds"],
+                          crds_context=CTX[0] if mode == "pinned" else None,
+                          sections={"crds": {"policy": "auto" if mode == "pinned" else "manual",
+                                             "watch_seconds": 0.1}})
+    daemon = StandInDaemon(config, ledger)
+    policy = Requeue(daemon)
+    try:
+        if mode == "pinned":
+            daemon.on_context_change(CTX[0], "config")        # what Daemon._start does for a pin
+        daemon.pump(lambda: policy._started)
+        busy = sorted(expected(data, "gain"))[0]
+        busy_id = next(r.exposure_id for r in records if r.stem == busy)
+        job = ledger.enqueue(JobSpec.exposure(busy_id, "image2"), lane="live")   # in flight at the switch
+
+        sync_operational_context(data["crds"], CTX[1])        # crds sync
+        daemon.pump(lambda: CTX[1] in (ledger.get_meta(WAITING_KEY) or ""))
+        time.sleep(0.3)
+        daemon.pump(lambda: True)
+        assert _reprocess_jobs(ledger) == {} and campaign(ledger) is None
+        assert ledger.active_context() == (CTX[0] if mode == "pinned" else CTX[1])
+        assert any("waiting for the operator: jwst_0002.pmap" in line for line in progress_lines(ledger))
+
+        answer = daemon.handlers["context"](CTX[1])             # calstream context use jwst_0002.pmap
+        assert answer.startswith(f"context {CTX[1]} in use")
+        assert ledger.active_context() == CTX[1] and daemon.recycled >= 1
+        if mode == "pinned":
+            assert config.crds_context == CTX[1]                # the operator re-pinned
+        daemon.pump(lambda: campaign(ledger) is not None)
+        gain = expected(data, "gain")
+        assert _reprocess_jobs(ledger) == {s: st for s, st in gain.items() if s != busy}
+        assert policy.deferred == {busy_id}
+        assert json.loads(ledger.get_meta(WAITING_KEY)) == []
+
+        ledger.mark_running(job, 1)                              # the in-flight job ends (old context)
+        ledger.finish_job(job, "done", products=[NewProduct(f"/p/{busy}_cal.fits", "cal")], context=CTX[0],
+                          references={t: "x.fits" for t in IMAGE2_USED})
+        daemon.pump(lambda: not policy.deferred and policy._planning is None, timeout=60)
+        assert _reprocess_jobs(ledger) == gain
+        assert "affected 6 exposure(s)" in "\n".join(progress_lines(ledger))
+        assert daemon.handlers["context"]("jwst_0099.pmap").startswith("error: context jwst_0099.pmap is not")
+    finally:
+        policy.stop()
+        ledger.close()
+        sync_operational_context(data["crds"], CTX[0])
+
+
+def test_history_keeps_versions_by_context(tmp_path):
+    from calstream.daemon.history import history_path, in_history, keep_version
+
+    product = tmp_path / "out" / "jw1" / "a_cal.fits"
+    product.parent.mkdir(parents=True)
+    product.write_bytes(b"v1")
+    kept = keep_version(product, CTX[0], tmp_path / "out")
+    assert kept == tmp_path / "out/jw1/history/jwst_0001.pmap/a_cal.fits" and kept.read_bytes() == b"v1"
+    assert in_history(kept) and not in_history(product)
+    product.unlink()
+    product.write_bytes(b"v2")                       # another version made under the same context
+    again = keep_version(product, CTX[0], tmp_path / "out", version=2)
+    assert again.name == "a_cal_v2.fits" and again.read_bytes() == b"v2" and kept.read_bytes() == b"v1"
+    assert history_path(product, CTX[1], tmp_path / "out", str(tmp_path / "h")) == \
+        tmp_path / "h/jwst_0002.pmap/jw1/a_cal.fits"
