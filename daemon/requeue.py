@@ -71,7 +71,9 @@ class Requeue:
         section = cfg.section("crds")
         self.policy = str(section.get("policy", "auto")).lower()
         if self.policy not in POLICIES:
-            raise ValueError(f"[crds] policy must be one of {POLICIES}, got {self.policy!r}")
+            from .service import DaemonError  # noqa: PLC0415 - service imports this module
+
+            raise DaemonError(f"[crds] policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         self.history = str(section.get("history", DEFAULT_HISTORY))
         self.watch_seconds = float(section.get("watch_seconds", 1.0))
         if cfg.crds_context is None and os.environ.get("CRDS_CONTEXT", "").endswith(".pmap"):
@@ -152,6 +154,8 @@ class Requeue:
             return
         context = normalize_context(context)
         operator = origin in OPERATOR_ORIGINS
+        if context == self.in_use and not operator and self.ledger.get_meta(SETTLED_KEY) == context:
+            return                      # announced again (a replayed topic, a rewritten server_config)
         if not self._available(context):
             self._keep_previous_active()
             self._wait_for(context)
