@@ -11,7 +11,9 @@ products made under jwst_0001.pmap. Timed, for the switches 0001->0002 (gain), 0
 * ``records``: :func:`calstream.daemon.affected.affected_exposures` on in-memory records
   (first call includes loading the contexts);
 * ``ledger``: the same records read from a real SQLite ledger
-  (``Ledger.exposures_for_reprocessing``) plus the computation — what the daemon does.
+  (``Ledger.exposures_for_reprocessing``) plus the computation;
+* ``daemon plan``: ``python -m calstream.daemon.reprocess --plan-json`` on that ledger, the child
+  process the daemon runs on a switch (interpreter and crds start-up included).
 
 ``--check N`` compares the grouped result with a naive per-exposure crds evaluation on N random
 records (must agree exactly).
@@ -20,8 +22,10 @@ records (must agree exactly).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -136,6 +140,13 @@ def main() -> int:
                 print(f"ledger   {old} -> {new}: {len(found):5d} affected  {time.perf_counter() - started:.3f} s"
                       " (read + compute)")
             ledger.close()
+            started = time.perf_counter()
+            out = subprocess.run([sys.executable, "-m", "calstream.daemon.reprocess", "--plan-json", "--ledger",
+                                  str(Path(tmp) / "ledger.sqlite"), "--to", SWITCHES[-1][1]],
+                                 capture_output=True, text=True, check=True).stdout
+            print(f"daemon plan (child process: start-up, crds import, ledger, busy checks, compute) -> "
+                  f"{SWITCHES[-1][1]}: {len(json.loads(out)['affected'])} affected  "
+                  f"{time.perf_counter() - started:.3f} s")
         if args.check:
             sample = random.Random(3).sample(records, min(args.check, len(records)))
             bad = 0

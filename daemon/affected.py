@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as _dt
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
@@ -106,15 +107,24 @@ def stage_reftypes(record: ExposureRecord) -> dict[str, set[str]]:
     of the stage (parameter references count whether or not a step ran). A stage whose products
     recorded no references falls back to every type its pipeline may use.
     """
-    out: dict[str, set[str]] = {}
+    return {stage: set(types) for stage, types in _stage_types(record).items()}
+
+
+def _stage_types(record: ExposureRecord) -> dict[str, frozenset[str]]:
+    out: dict[str, frozenset[str]] = {}
     for stage in STAGES:
         use = record.stages.get(stage)
-        if use is None:
-            continue
-        possible = {t.lower() for t in record.reftypes.get(stage, ())}
-        used = {t.lower() for t in use.references}
-        out[stage] = (used | {t for t in possible if t.startswith("pars-")}) if used else possible
+        if use is not None:
+            out[stage] = _used_types(tuple(record.reftypes.get(stage, ())), tuple(use.references))
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _used_types(possible: tuple[str, ...], used: tuple[str, ...]) -> frozenset[str]:
+    """What :func:`stage_reftypes` computes for one stage (cached: records share a few layouts)."""
+    pipeline = {t.lower() for t in possible}
+    recorded = {t.lower() for t in used}
+    return frozenset((recorded | {t for t in pipeline if t.startswith("pars-")}) if recorded else pipeline)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,10 +148,10 @@ class Unit:
 def _units(records: Iterable[ExposureRecord], old_context: str | None) -> Iterable[Unit]:
     fixed = normalize_context(old_context) if old_context else None
     for record in records:
-        for stage, types in stage_reftypes(record).items():
+        for stage, types in _stage_types(record).items():
             old = fixed or record.stages[stage].context
             if old and types:
-                yield Unit(record, stage, normalize_context(old), frozenset(types))
+                yield Unit(record, stage, normalize_context(old), types)
 
 
 def evaluate_units(units: Sequence[Unit], new_context: str) -> list[list[ReferenceChange]]:

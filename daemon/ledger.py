@@ -763,6 +763,11 @@ class Ledger:
         row = self._one("SELECT MAX(id) FROM jobs")
         return int(row[0] or 0)
 
+    def busy_exposures(self) -> set[int]:
+        """Ids of the exposures with a queued or running job."""
+        return {int(r[0]) for r in self._all("SELECT DISTINCT subject_id FROM jobs WHERE kind='exposure'"
+                                              " AND state IN ('queued', 'running')")}
+
     def lane_job_counts(self, lane: str, after_job_id: int = 0) -> dict[tuple[str, str], int]:
         """(stage, state) -> jobs of ``lane`` with an id above ``after_job_id``."""
         return {(r[0], r[1]): int(r[2]) for r in self._all(

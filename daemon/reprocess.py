@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -163,7 +162,7 @@ def plan(ledger: Ledger, new: str, exposure_ids: Sequence[int] | None = None) ->
     if exposure_ids is not None:
         wanted = set(exposure_ids)
         records = [r for r in records if r.exposure_id in wanted]
-    busy = {r.exposure_id for r in records if ledger.active_jobs_for_exposures([r.exposure_id])}
+    busy = ledger.busy_exposures() & {r.exposure_id for r in records}
     idle = [r for r in records if r.exposure_id not in busy]
     found = affected_exposures(idle, None, new)
     return {"context": normalize_context(new), "exposures": len(records), "busy": sorted(busy),
@@ -171,9 +170,8 @@ def plan(ledger: Ledger, new: str, exposure_ids: Sequence[int] | None = None) ->
 
 
 def _affected_json(item: Affected) -> dict[str, Any]:
-    data = asdict(item)
-    data["changes"] = [list(c) for c in item.changes]
-    return data
+    return {"exposure_id": item.exposure_id, "stem": item.stem, "restart_stage": item.restart_stage,
+            "changes": [list(c) for c in item.changes], "associations": list(item.associations)}
 
 
 def affected_from_json(data: dict[str, Any]) -> Affected:

@@ -324,7 +324,7 @@ class Requeue:
         """Main thread, every second: metrics; re-check deferred exposures that became idle."""
         self._update_metrics()
         if self.deferred and self._planning is None and self.in_use:
-            idle = {i for i in self.deferred if not self.ledger.active_jobs_for_exposures([i])}
+            idle = self.deferred - self.ledger.busy_exposures()
             if idle:
                 self._plan(self.in_use, "deferred", exposures=idle)
 
