@@ -335,10 +335,10 @@ def _largest_footprint_move(corrector: Any) -> float:
     """Largest sky separation [arcsec] between the footprint corners of the corrected and original WCS."""
     new = corrector.wcs.footprint(axis_type="spatial")
     old = corrector.original_wcs.footprint(axis_type="spatial")
-    return float(np.max(_separation_arcsec(new[:, 0], new[:, 1], old[:, 0], old[:, 1])))
+    return float(np.max(separation_arcsec(new[:, 0], new[:, 1], old[:, 0], old[:, 1])))
 
 
-def _separation_arcsec(ra1, dec1, ra2, dec2) -> np.ndarray:
+def separation_arcsec(ra1, dec1, ra2, dec2) -> np.ndarray:
     """Angular separation [arcsec] (haversine; inputs in degrees)."""
     r1, d1, r2, d2 = (np.radians(np.asarray(v, float)) for v in (ra1, dec1, ra2, dec2))
     h = np.sin((d2 - d1) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r2 - r1) / 2) ** 2
@@ -380,4 +380,4 @@ def wcs_change(before: Any, after: Any) -> tuple[tuple[float, float], float]:
 
 
 __all__ = ["Alignment", "align_wcs", "background", "convolve_gaussian", "coverage_mask", "detect_sources",
-           "wcs_change", "wcsinfo_from_gwcs"]
+           "separation_arcsec", "wcs_change", "wcsinfo_from_gwcs"]

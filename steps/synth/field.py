@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..catalog import AB_ZEROPOINT_JY
+from ..dqflags import DO_NOT_USE
 from .crds_cache import CrdsCacheInfo, build_crds_cache
 from .detector import FULL_SIZE, REF_BORDER, detector_info, gain_factor, pixel_maps, subarray_for
 from .exposures import (ExposureConfig, ExposureTruth, NoiseParams, exposure_basename, exposure_timing,
@@ -43,8 +45,6 @@ from .stage2 import default_filter, photmjsr, pixel_area_sr, stage2_name
 FIELD_DITHERS: tuple[tuple[float, float], ...] = (
     (0.0, 0.0), (13.4, 7.3), (-9.1, 15.8), (6.2, -12.7), (-15.5, -5.9), (21.0, 19.6),
 )
-AB_ZEROPOINT_JY = 3631.0
-_DO_NOT_USE = 1
 
 
 @dataclass(frozen=True)
@@ -326,7 +326,7 @@ def surviving_cosmic_rays(truth: ExposureTruth, cfg: ExposureConfig, wcs: Any) -
     sky_dn = truth.sky * maps.qe[py, px] / gain[py, px] * dt
     noise = np.sqrt(maps.readnoise[py, px] ** 2 + np.maximum(sky_dn, 0.0)) / dt
     ra, dec = wcs(px.astype(float), py.astype(float), with_bounding_box=False)
-    dnu = (maps.mask_dq[py, px] & _DO_NOT_USE) != 0
+    dnu = (maps.mask_dq[py, px] & DO_NOT_USE) != 0
     return [{"y": int(py[i]), "x": int(px[i]), "ra": float(ra[i]), "dec": float(dec[i]),
              "charge": float(charge[i]), "excess_dn_s": float(excess[i]), "snr": float(excess[i] / noise[i]),
              "do_not_use": bool(dnu[i])} for i in range(len(pix))]
@@ -349,7 +349,7 @@ def source_truth(sources: Sequence[SkySource], exposures: Sequence[tuple[Exposur
             window = (slice(sub.y0, sub.y0 + sub.ysize), slice(sub.x0, sub.x0 + sub.xsize))
             flat, flat_dq = prepare_flat(hdul["SCI"].data[window], hdul["DQ"].data[window])
         response = maps.qe / (maps.gain * np.float32(gain_factor(cfg.detector, cfg.start)) * flat)
-        good = ((maps.mask_dq | flat_dq) & _DO_NOT_USE) == 0
+        good = ((maps.mask_dq | flat_dq) & DO_NOT_USE) == 0
         good &= ~maps.is_ref & (maps.qe > 0)
         per_exposure.append([_expected_dn_s(src, sub, response, good) for src in pixels])
     rows = []

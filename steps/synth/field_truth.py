@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..dqflags import DO_NOT_USE, OUTLIER
+from ..tweakreg import separation_arcsec
 from .detector import FULL_SIZE, REF_BORDER, detector_info, subarray_for
 from .field import FieldPointing, true_wcs
 from .stage2 import stage2_name
@@ -93,9 +94,10 @@ class Image3Truth:
 
 
 def evaluate_image3(truth_path: str | Path, products: Mapping[str, Path], crds_root: str | Path, *,
-                    cr_snr: float = 10.0) -> Image3Truth:
+                    cr_snr: float = 10.0, weights: list[float] | None = None) -> Image3Truth:
     """Compare the products of calwebb_image3 (``products``: kind -> path with "i2d", "cat",
-    "segm" and "crf:<name>" entries) with the truth of the field at ``truth_path``."""
+    "segm" and "crf:<name>" entries) with the truth of the field at ``truth_path``. ``weights``:
+    the exposures' relative weights in the mosaic (default: 1 / median VAR_RNOISE, as ivm)."""
     from astropy.table import QTable  # noqa: PLC0415
     from stdatamodels.jwst import datamodels  # noqa: PLC0415
 
@@ -104,7 +106,7 @@ def evaluate_image3(truth_path: str | Path, products: Mapping[str, Path], crds_r
     result = Image3Truth()
     wcss = _true_wcss(truth, Path(crds_root))
     crfs = _crf_paths(truth, products)
-    result.weights = _exposure_weights(folder, truth)
+    result.weights = list(weights) if weights is not None else _exposure_weights(folder, truth)
     expected = _weighted_expectations(truth, result.weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -185,20 +187,14 @@ def _max_offset(wcs: Any, truth_wcs: Any, shape: tuple[int, int], step: int = 32
     yy, xx = np.mgrid[0:ny:step, 0:nx:step].astype(float)
     ra, dec = wcs(xx, yy, with_bounding_box=False)
     ra0, dec0 = truth_wcs(xx, yy, with_bounding_box=False)
-    return float(np.max(_separation_arcsec(ra, dec, ra0, dec0)))
-
-
-def _separation_arcsec(ra1, dec1, ra2, dec2) -> np.ndarray:
-    r1, d1, r2, d2 = (np.radians(np.asarray(v, float)) for v in (ra1, dec1, ra2, dec2))
-    h = np.sin((d2 - d1) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r2 - r1) / 2) ** 2
-    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))) * 3600.0
+    return float(np.max(separation_arcsec(ra, dec, ra0, dec0)))
 
 
 def _near_a_source(ra: float, dec: float, truth: Mapping[str, Any], radius_arcsec: float = 1.0) -> bool:
     src_ra = np.array([s["ra"] for s in truth["sources"]])
     src_dec = np.array([s["dec"] for s in truth["sources"]])
     reach = radius_arcsec + 7.0 * np.array([s["r_eff_arcsec"] for s in truth["sources"]])
-    return bool(np.any(_separation_arcsec(src_ra, src_dec, ra, dec) < reach))
+    return bool(np.any(separation_arcsec(src_ra, src_dec, ra, dec) < reach))
 
 
 def _check_cosmic_rays(result: Image3Truth, exp: Mapping[str, Any], crf: Any, i2d: Any, truth: Mapping[str, Any],
@@ -284,7 +280,7 @@ def _check_catalog(result: Image3Truth, catalog: Any, truth: Mapping[str, Any], 
     for s in truth["sources"]:
         if not s["in_all_exposures"]:
             continue
-        sep = _separation_arcsec(cat_ra, cat_dec, s["ra"], s["dec"])
+        sep = separation_arcsec(cat_ra, cat_dec, s["ra"], s["dec"])
         j = int(np.argmin(sep)) if len(sep) else -1
         matched = j >= 0 and sep[j] < 0.2
         if s["isolated"]:
