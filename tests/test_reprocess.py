@@ -12,7 +12,6 @@ image3 associations (one per filter), and a CRDS cache with four contexts:
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -61,14 +60,10 @@ def data(tmp_path_factory):
         members = [e["path"] for e in exposures if e["filter"] == filt]
         asns[f"o00{obs}"] = write_asn(out / f"jw01234-o00{obs}_image3_asn.json", f"o00{obs}", filt, members)
     sync_operational_context(crds_root, CTX[0])
-    saved = os.environ.get("CRDS_PATH")
-    os.environ["CRDS_PATH"] = str(crds_root)
-    clear_crds_caches()
-    yield {"root": root, "crds": crds_root, "exposures": exposures, "asns": asns}
-    if saved is None:
-        os.environ.pop("CRDS_PATH", None)
-    else:
-        os.environ["CRDS_PATH"] = saved
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CRDS_PATH", str(crds_root))
+        clear_crds_caches()
+        yield {"root": root, "crds": crds_root, "exposures": exposures, "asns": asns}
     clear_crds_caches()
 
 
@@ -508,3 +503,39 @@ def test_history_keeps_versions_by_context(tmp_path):
     assert again.name == "a_cal_v2.fits" and again.read_bytes() == b"v2" and kept.read_bytes() == b"v1"
     assert history_path(product, CTX[1], tmp_path / "out", str(tmp_path / "h")) == \
         tmp_path / "h/jwst_0002.pmap/jw1/a_cal.fits"
+
+
+def test_parameter_references_count(tmp_path, monkeypatch):
+    """A new pars-jumpstep redoes detector1; a new pars-flatfieldstep (no step ran with a recorded
+    reference for it) redoes image2 — parameter references count whether or not they are R_* types."""
+    from calstream.steps.synth import crds_cache as cc
+
+    flat_spec = {("nircam", "pars-flatfieldstep"): cc.RefTypeSpec((), ".asdf")}
+    base = [cc.RuleRow("gain", ("NRCA1", "SUB160"), "2022-01-01 00:00:00", "jwst_nircam_gain_0301.fits"),
+            cc.RuleRow("pars-jumpstep", (), "1900-01-01 00:00:00", "jwst_nircam_pars-jumpstep_0001.asdf"),
+            cc.RuleRow("pars-flatfieldstep", (), "1900-01-01 00:00:00", "jwst_nircam_pars-flatfieldstep_0001.asdf")]
+    jump = [r if r.reftype != "pars-jumpstep" else
+            cc.RuleRow(r.reftype, (), r.useafter, "jwst_nircam_pars-jumpstep_0002.asdf") for r in base]
+    flat = [r if r.reftype != "pars-flatfieldstep" else
+            cc.RuleRow(r.reftype, (), r.useafter, "jwst_nircam_pars-flatfieldstep_0002.asdf") for r in jump]
+    cc.ensure_layout(tmp_path)
+    names = cc.write_contexts(tmp_path, [base, jump, flat], specs=flat_spec)
+    cc.write_server_config(tmp_path, names)
+    params = {"META.INSTRUMENT.NAME": "NIRCAM", "META.INSTRUMENT.DETECTOR": "NRCA1", "META.SUBARRAY.NAME": "SUB160",
+              "META.OBSERVATION.DATE": "2024-03-01", "META.OBSERVATION.TIME": "12:00:00", "META.VISIT.TSOVISIT": False}
+    record = ExposureRecord(1, "x", "x_uncal.fits", params,
+                            {"detector1": ["gain", "pars-jumpstep"], "image2": ["flat", "pars-flatfieldstep"]},
+                            {"detector1": StageUse(names[0], {"gain": "jwst_nircam_gain_0301.fits"}),
+                             "image2": StageUse(names[0], {"flat": "N/A"})})
+    monkeypatch.setenv("CRDS_PATH", str(tmp_path))
+    cc.clear_crds_caches()
+    try:
+        [first] = affected_exposures([record], names[0], names[1])
+        assert first.restart_stage == "detector1"
+        assert first.changes == (("pars-jumpstep", "jwst_nircam_pars-jumpstep_0001.asdf",
+                                  "jwst_nircam_pars-jumpstep_0002.asdf"),)
+        [second] = affected_exposures([record], names[1], names[2])
+        assert second.restart_stage == "image2" and [c.reftype for c in second.changes] == ["pars-flatfieldstep"]
+    finally:
+        monkeypatch.undo()
+        cc.clear_crds_caches()
