@@ -72,6 +72,7 @@ def _route_crds_logging() -> None:
     for handler in list(crds_logger.handlers):
         crds_logger.removeHandler(handler)
     crds_logger.propagate = True
+    crds_logger.setLevel(max(logging.WARNING, logging.getLogger().level))   # as logs.configure wants
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ COMPONENTS: dict[str, str] = {}
 TICK_SECONDS = 0.25
 SLOW_TICK_SECONDS = 1.0
 RETRY_DELAY_MAX = 60.0
+WORKERS_FAILING = "worker processes fail to start"
 
 ContextListener = Callable[[str, str, "Daemon"], None]
 PreDispatch = Callable[[JobRecord, dict], None]
@@ -279,6 +280,11 @@ class Daemon:
         self.pool.kill_overdue(self.config.job_timeout)
         if not slow:
             return
+        self.pool.maintain()
+        if self.pool.start_failures:
+            self.metrics.set_degraded(WORKERS_FAILING)
+        else:
+            self.metrics.clear_degraded(WORKERS_FAILING)
         self._handle_requests()
         with self.ledger.transaction():
             self.scheduler.check_stuck()
@@ -715,9 +721,6 @@ def remove_partial_files(root: Path) -> int:
 def build_daemon(config: DaemonConfig) -> Daemon:
     """A Daemon with the components whose config sections are present (see COMPONENTS)."""
     daemon = Daemon(config)
-    from .requeue import attach as attach_crds_policy  # noqa: PLC0415 - CRDS context changes (always on)
-
-    attach_crds_policy(daemon)
     for section, target in COMPONENTS.items():
         if section in config.sections:
             module, _, function = target.partition(":")

@@ -69,6 +69,8 @@ class WorkerPool:
         self._workers: dict[int, Worker] = {}
         self._serial = 0
         self._stopping = False
+        self.start_failures = 0                 # consecutive workers that died before being ready
+        self._respawn_at: float | None = None
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -150,9 +152,24 @@ class WorkerPool:
         reason = worker.kill_reason or (f"worker process ended (exit code {exitcode})" if worker.busy else "retired")
         if worker.busy or not worker.retiring:
             log.warning("worker ended", worker=serial, exitcode=exitcode, job=worker.job_id, reason=reason)
-        if not self._stopping and len(self._live()) < self.size:
-            self._spawn()
+        if worker.ready or worker.kill_reason:
+            self.start_failures = 0
+            self.maintain()
+        else:                                   # died while starting: do not respawn in a tight loop
+            self.start_failures += 1
+            delay = min(60.0, 2.0 ** self.start_failures)
+            self._respawn_at = time.monotonic() + delay
+            log.error("worker died before it was ready; retrying later", worker=serial, exitcode=exitcode,
+                      failures=self.start_failures, retry_in=delay)
         return worker.job_id, reason
+
+    def maintain(self) -> None:
+        """Start replacements up to the pool size (after any back-off from failed starts)."""
+        if self._stopping or (self._respawn_at is not None and time.monotonic() < self._respawn_at):
+            return
+        self._respawn_at = None
+        while len(self._live()) < self.size:
+            self._spawn()
 
     def _retire(self, worker: Worker) -> None:
         worker.retiring = True

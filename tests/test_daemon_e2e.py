@@ -53,10 +53,24 @@ def write_asn(path: Path, asn_id: str, uncals: list[Path]) -> None:
                                               "members": members}]}))
 
 
+@pytest.fixture(autouse=True)
+def _no_daemon_left_behind():
+    """A failing test must not leave its daemon running."""
+    yield
+    for daemon in DaemonProcess.started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(30)
+    DaemonProcess.started.clear()
+
+
 class DaemonProcess:
     """A ``calstream daemon`` subprocess on folders under ``root``."""
 
+    started: list["DaemonProcess"] = []
+
     def __init__(self, root: Path, crds: Path, *flags: str) -> None:
+        DaemonProcess.started.append(self)
         self.root, self.crds, self.flags = root, crds, flags
         self.inbox, self.out, self.quarantine = root / "inbox", root / "products", root / "quarantine"
         self.ledger_path = root / "ledger.sqlite"
