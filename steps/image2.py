@@ -2,8 +2,9 @@
 
 Steps, in jwst's order: bkg_subtract (no background members in a single-exposure input:
 SKIPPED), assign_wcs (imaging gwcs from the pointing keywords and the distortion/filteroffset
-references, plus a FITS/SIP approximation), flat_field, photom, resample (not implemented:
-SKIPPED by default, an error when requested).
+references, plus a FITS/SIP approximation), flat_field, photom, resample (the exposure drizzled
+onto its own grid, ``<name>_i2d.fits``; off by default here, jwst runs it:
+``--steps.resample.skip=false``).
 
 The arithmetic is element-wise, so the kernels below are plain numpy on float32 arrays of any
 shape (a row chunk gives the same answer as the whole frame). :func:`plan_image2` decides what
@@ -366,6 +367,10 @@ def plan_image2(primary: fits.Header, *, cli_steps: Mapping[str, Mapping[str, An
             status[spec.name], reasons[spec.name] = SKIPPED, "no background members (single exposure input)"
         else:
             status[spec.name] = COMPLETE
+    if status.get("resample") == COMPLETE:
+        from .resample_step import check_parameters  # noqa: PLC0415
+
+        check_parameters(params["resample"])
     if params["flat_field"].get("inverse") or params["photom"].get("inverse"):
         raise StepNotImplementedError("inverse flat_field/photom is not implemented in calstream")
     if params["flat_field"].get("user_supplied_flat"):
@@ -484,9 +489,17 @@ def run_image2(source: RateSource, plan: Image2Plan, output_dir: str | Path) -> 
     out = product_path(output_dir, Path(source.path).name, "cal")
     _write_cal(source, plan, out, arrays, wcs, sip, area, extra)
     seconds["write"] = time.perf_counter() - t
+    products = {"cal": out}
+    if plan.runs("resample"):
+        from .resample_step import resample_cal_file  # noqa: PLC0415
+
+        t = time.perf_counter()
+        products["i2d"] = resample_cal_file(out, product_path(output_dir, Path(source.path).name, "i2d"),
+                                            plan.params["resample"])
+        seconds["resample"] = time.perf_counter() - t
     total = time.perf_counter() - started
     log.info("image2 done", file=Path(source.path).name, seconds=round(total, 3))
-    return Image2Result({"cal": out}, dict(plan.status), dict(plan.references), plan.context, seconds, total)
+    return Image2Result(products, dict(plan.status), dict(plan.references), plan.context, seconds, total)
 
 
 def _photom(arrays: ImageArrays, refs: Mapping[str, str], filt: str, pupil: str, source: RateSource,

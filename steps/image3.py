@@ -8,14 +8,13 @@ targets), tweakreg (:mod:`.tweakreg`), skymatch (:mod:`.skymatch`), outlier_dete
 
 Memory is bounded by one exposure plus the mosaic-sized arrays, whatever the number of exposures:
 only metadata and gwcs objects are kept per member; every pass re-reads one member's arrays; the
-per-exposure resampled images of outlier detection go to a temporary memory-mapped file.
+per-exposure resampled images of outlier detection and the pixel maps go to temporary files.
 Parameters use jwst's names and defaults (:data:`calstream.steps.parameters.IMAGE3`), layered as in
 the other pipelines (defaults < CRDS ``pars-*`` (optional) < parameter file < command line).
 """
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import structlog
 
 from . import outlier as od
 from .asn import Association, load_association
-from .calimage import CalInfo, read_cal_arrays, read_cal_info, resample_input, save_model, write_image_like
+from .calimage import CalInfo, read_cal_arrays, read_cal_info, resample_input, write_image_like
 from .crdsrefs import context_name, crds_version
 from .errors import InputError, ParameterError, StepNotImplementedError
 from .exposure import crds_parameters
@@ -34,7 +33,9 @@ from .image2 import ImageArrays, flag_invalid, s_region
 from .parameters import IMAGE3
 from .planning import resolve_parameters
 from .products import software_version
-from .resample import GOOD_BITS, Mosaic, MosaicAccumulator, OutputGrid, PixmapCache, blot, footprint, output_grid
+from .resample import Mosaic, OutputGrid, PixmapCache, blot
+from .resample_step import UNSUPPORTED as RESAMPLE_UNSUPPORTED
+from .resample_step import grid_from_parameters, resample_all, write_i2d
 from .skymatch import SkyStats, bounding_polygon, measure_image, read_skylist, sky_mask, solve_sky
 
 log = structlog.get_logger("calstream.steps.image3")
@@ -130,7 +131,7 @@ _UNSUPPORTED: dict[str, tuple[str, ...]] = {
     "tweakreg": ("use_custom_catalogs", "catfile", "save_catalogs", "save_abs_catalog", "nlevels", "contrast",
                  "multithresh_mode", "localbkg_width", "apermask_method", "kron_params"),
     "outlier_detection": ("resample_data", "save_intermediate_results", "pixmap_stepsize"),
-    "resample": ("output_wcs", "single", "propagate_dq", "pixmap_stepsize"),
+    "resample": tuple(RESAMPLE_UNSUPPORTED),
     "source_catalog": ("starfinder", "multithresh_mode", "localbkg_width", "apermask_method", "kron_params"),
 }
 
@@ -268,28 +269,8 @@ def _match_sky(members: Sequence[Member], p: Mapping[str, Any]) -> tuple[list[fl
 
 def grid_for(members: Sequence[Member], p: Mapping[str, Any] | None = None) -> OutputGrid:
     """The output grid over the members' (tweaked) footprints; ``p`` holds resample's WCS parameters."""
-    p = p or {}
     first = members[0]
-    shape = _pair(p.get("output_shape"), "output_shape", int)
-    return output_grid([footprint(m.wcs) for m in members], first.wcs, first.info.reference, first.info.shape,
-                       pixel_scale_ratio=p.get("pixel_scale_ratio", 1.0), pixel_scale=p.get("pixel_scale"),
-                       rotation=p.get("rotation"), output_shape=None if shape is None else (shape[1], shape[0]),
-                       crpix=_pair(p.get("crpix"), "crpix", float), crval=_pair(p.get("crval"), "crval", float))
-
-
-def _pair(value: Any, name: str, kind: Callable[[Any], Any]) -> tuple | None:
-    """A two-element list parameter ([x, y], "x,y" or "x y") or None."""
-    if value is None or value == "":
-        return None
-    parts = re.split(r"[\s,]+", value.strip(" []()")) if isinstance(value, str) else list(value)
-    if len(parts) != 2:
-        raise ParameterError(f"steps.resample.{name} must have two values, got {value!r}")
-    if all(v is None for v in parts):
-        return None
-    try:
-        return kind(parts[0]), kind(parts[1])
-    except (TypeError, ValueError) as exc:
-        raise ParameterError(f"steps.resample.{name}: {value!r} is not two numbers") from exc
+    return grid_from_parameters([m.wcs for m in members], first.info.reference, first.info.shape, p)
 
 
 def group_indices(members: Sequence[Member]) -> list[list[int]]:
@@ -302,7 +283,7 @@ def group_indices(members: Sequence[Member]) -> list[list[int]]:
 
 def run_outlier_detection(members: Sequence[Member], p: Mapping[str, Any], output_dir: Path, asn_id: str,
                           update_crf: Callable[[Any, Member], None], pixmaps: PixmapCache) -> list[Path]:
-    """Single-drizzle each group, median (memory-mapped), blot, flag; write one crf per member."""
+    """Single-drizzle each group, median (images in a temporary file), blot, flag; write one crf per member."""
     snr = od.parse_pair(p["snr"], "snr")
     scale = od.parse_pair(p["scale"], "scale")
     grid = grid_for(members)
@@ -350,13 +331,9 @@ def crf_name(member_name: str, asn_id: str) -> str:
 def run_resample(members: Sequence[Member], p: Mapping[str, Any], pixmaps: PixmapCache) -> Mosaic:
     """Drizzle every member onto the output grid, one exposure in memory at a time."""
     grid = grid_for(members, p)
-    acc = MosaicAccumulator(grid, n_inputs=len(members), pixfrac=p["pixfrac"], kernel=p["kernel"],
-                            fillval=p["fillval"], weight_type=p["weight_type"], good_bits=GOOD_BITS,
-                            enable_ctx=p["enable_ctx"], enable_var=p["enable_err"],
-                            compute_err="from_var" if p["enable_err"] else None)
-    for i, m in enumerate(members):
-        acc.add(m.resample_input(m.arrays()), pixmaps.get(str(i), m.wcs, grid, m.info.shape))
-    return acc.finalize()
+    images = ((m.resample_input(m.arrays()), pixmaps.get(str(i), m.wcs, grid, m.info.shape))
+              for i, m in enumerate(members))
+    return resample_all(images, grid, len(members), p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,61 +386,13 @@ def set_provenance(model: Any, plan: Image3Plan, status: Mapping[str, str]) -> N
 def write_mosaic(mosaic: Mosaic, members: Sequence[Member], plan: Image3Plan, status: Mapping[str, str],
                  out: Path, asn: Association, p: Mapping[str, Any]) -> Any:
     """The i2d product (ImageModel; gwcs in the ASDF extension). Returns the model (open)."""
-    import warnings  # noqa: PLC0415
+    def provenance(model: Any) -> None:
+        model.meta.asn.table_name = asn.path.name if asn.path else None
+        model.meta.asn.pool_name = asn.asn_id or None
+        set_provenance(model, plan, status)
+        _attach_input_table(model, input_table(members))
 
-    from stdatamodels.jwst.datamodels import ImageModel  # noqa: PLC0415
-
-    model = ImageModel(None, validate_on_assignment=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with ImageModel(str(members[0].source)) as first:
-            model.update(first)
-    grid = mosaic.grid
-    model.data, model.wht = mosaic.sci, mosaic.wht
-    if mosaic.con is not None:
-        model.con = mosaic.con
-    if mosaic.err is not None:
-        model.err = mosaic.err
-    elif model.meta.hasattr("bunit_err"):
-        del model.meta.bunit_err
-    if p["enable_err"] and p["report_var"]:
-        for name, var in mosaic.variances.items():
-            setattr(model, name, var)
-    meta = model.meta
-    meta.wcs = grid.wcs
-    _set_grid_wcsinfo(model, grid)
-    meta.wcsinfo.s_region = s_region(grid.wcs)
-    meta.photometry.pixelarea_steradians = grid.pixelarea_steradians
-    meta.photometry.pixelarea_arcsecsq = grid.pixelarea_arcsecsq
-    meta.resample.pointings = mosaic.pointings
-    meta.resample.pixel_scale_ratio = grid.pixel_scale_ratio
-    meta.resample.pixfrac = p["pixfrac"]
-    meta.resample.weight_type = p["weight_type"]
-    meta.exposure.exposure_time = meta.exposure.effective_exposure_time = mosaic.exposure_time
-    meta.exposure.start_time, meta.exposure.end_time = mosaic.start_time, mosaic.end_time
-    meta.exposure.duration = meta.exposure.elapsed_exposure_time = mosaic.duration
-    meta.exposure.measurement_time = mosaic.measurement_time
-    meta.background.level = None
-    meta.background.subtracted = None
-    meta.asn.table_name = asn.path.name if asn.path else None
-    meta.asn.pool_name = asn.asn_id or None
-    meta.filename = out.name
-    set_provenance(model, plan, status)
-    _attach_input_table(model, input_table(members))
-    save_model(model, out)
-    return model
-
-
-def _set_grid_wcsinfo(model: Any, grid: OutputGrid) -> None:
-    """The grid's exact FITS WCS in meta.wcsinfo; SIP and pointing keys of the inputs removed."""
-    info = model.meta.wcsinfo.instance
-    pattern = re.compile(r"^(cd[12]_[12]|[ab]p?_\d_\d|[ab]p?_order|sipmxerr|sipivmxerr)$")
-    for key in [k for k in info if pattern.match(k)]:
-        del info[key]
-    for key in ("v2_ref", "v3_ref", "ra_ref", "dec_ref", "roll_ref", "v3yangle", "vparity"):
-        info.pop(key, None)
-    for key, value in grid.fits_wcsinfo().items():
-        setattr(model.meta.wcsinfo, key, value)
+    return write_i2d(mosaic, members[0].source, out, p, provenance)
 
 
 def _update_crf(plan: Image3Plan, sip_params: Mapping[str, Any]) -> Callable[[Any, Member], None]:

@@ -3,8 +3,8 @@
 1. each exposure group is drizzled alone onto the common grid (:func:`single_drizzle`); pixels whose
    weight is below ``maskpt`` x the (3-sigma clipped) mean weight become NaN;
 2. the median of those images, pixel by pixel (:class:`MedianStack`: the single-drizzled images
-   live in a temporary memory-mapped file and the median is taken in row blocks, so RAM holds
-   one block, not the stack);
+   live in a temporary file and the median is taken in row blocks, so RAM holds one block, not
+   the stack);
 3. the median is blotted back to every exposure (:func:`calstream.steps.resample.blot`) and pixels
    are flagged (:func:`flag_outliers`) where ``|data - blot - sky| > scale1 |d blot| + snr1 err``
    after a 3x3 growth, and ``> scale2 |d blot| + snr2 err``; flagged pixels get DQ
@@ -17,6 +17,7 @@ whole-frame evaluation. Arrays are float32 (ny, nx); DQ uint32.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -79,20 +80,20 @@ def mask_low_weight(sci: np.ndarray, wht: np.ndarray, maskpt: float) -> np.ndarr
 
 
 class MedianStack:
-    """float32 images of one shape stored in a temporary memory-mapped file; median by row blocks.
+    """float32 images of one shape kept in a temporary file; their median taken by row blocks.
 
-    Use as a context manager (the file is deleted on exit). ``directory`` is where the temporary
-    file goes (default: the system temporary folder).
+    Images are written and blocks read with positioned I/O (no memory mapping, so the resident
+    set holds one block, not the stack). Use as a context manager (the file is deleted on exit).
+    ``directory`` is where the temporary file goes (default: the system temporary folder).
     """
 
     def __init__(self, n: int, shape: tuple[int, int], directory: str | Path | None = None,
                  block_bytes: int = MEDIAN_BLOCK_BYTES) -> None:
         if n < 1:
             raise ValueError("a median needs at least one image")
-        self.n, self.shape, self.block_bytes = n, tuple(shape), block_bytes
-        self._tmp = tempfile.TemporaryDirectory(prefix="calstream-median-", dir=directory)
-        self._data = np.memmap(Path(self._tmp.name) / "stack.f32", dtype=np.float32, mode="w+",
-                               shape=(n,) + self.shape)
+        self.n, self.shape, self.block_bytes = n, (int(shape[0]), int(shape[1])), block_bytes
+        self._file = tempfile.TemporaryFile(prefix="calstream-median-", dir=directory)
+        self._image_bytes = self.shape[0] * self.shape[1] * 4
 
     def __enter__(self) -> "MedianStack":
         return self
@@ -101,27 +102,34 @@ class MedianStack:
         self.close()
 
     def close(self) -> None:
-        if self._data is not None:
-            self._data._mmap.close()  # noqa: SLF001 - release the mapping before deleting the file
-            self._data = None
-        self._tmp.cleanup()
+        self._file.close()
 
     def set(self, index: int, image: np.ndarray) -> None:
-        """Store image ``index`` (written through to the file)."""
-        self._data[index] = image
-        self._data.flush()
+        """Store image ``index`` ((ny, nx), written as float32)."""
+        data = np.ascontiguousarray(image, dtype=np.float32)
+        if data.shape != self.shape:
+            raise ValueError(f"image shape {data.shape} differs from the stack's {self.shape}")
+        os.pwrite(self._file.fileno(), data.tobytes(), index * self._image_bytes)
+
+    def _rows(self, index: int, start: int, stop: int) -> np.ndarray:
+        nx = self.shape[1]
+        raw = os.pread(self._file.fileno(), (stop - start) * nx * 4, index * self._image_bytes + start * nx * 4)
+        return np.frombuffer(raw, dtype=np.float32).reshape(stop - start, nx)
 
     def median(self) -> np.ndarray:
         """float32 (ny, nx) NaN-ignoring median over the stack (NaN where every image is NaN)."""
         ny, nx = self.shape
         out = np.empty(self.shape, np.float32)
         rows = max(1, self.block_bytes // max(1, self.n * nx * 4))
+        block = np.empty((self.n, rows, nx), np.float32)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
             for start in range(0, ny, rows):
                 stop = min(ny, start + rows)
-                block = np.array(self._data[:, start:stop, :])
-                np.nanmedian(block, axis=0, overwrite_input=True, out=out[start:stop])
+                view = block[:, :stop - start]
+                for i in range(self.n):
+                    view[i] = self._rows(i, start, stop)
+                np.nanmedian(view, axis=0, overwrite_input=True, out=out[start:stop])
         return out
 
 

@@ -105,6 +105,13 @@ DETECTOR1_NIR: tuple[StepSpec, ...] = (
     StepSpec("gain_scale", "GainScaleStep", "S_GANSCL", ("gain",)),
 )
 
+#: jwst 3.0 ResampleStep spec (calwebb_image2 and calwebb_image3)
+RESAMPLE_DEFAULTS: dict[str, Any] = {
+    "pixfrac": 1.0, "kernel": "square", "fillval": "NAN", "weight_type": "ivm", "output_shape": None, "crpix": None,
+    "crval": None, "rotation": None, "pixel_scale_ratio": 1.0, "pixel_scale": None, "output_wcs": "", "single": False,
+    "blendheaders": True, "in_memory": True, "enable_ctx": True, "enable_err": True, "report_var": True,
+    "propagate_dq": False, "pixmap_stepsize": 1.0, "pixmap_order": 1}
+
 #: calwebb_image2 (Image2Pipeline) for imaging; resample is off by default here (jwst runs it)
 IMAGE2: tuple[StepSpec, ...] = (
     StepSpec("bkg_subtract", "BackgroundStep", "S_BKDSUB", ("bkg", "wavelengthrange"),
@@ -119,15 +126,8 @@ IMAGE2: tuple[StepSpec, ...] = (
              {"save_interpolated_flat": False, "user_supplied_flat": None, "inverse": False}),
     StepSpec("photom", "PhotomStep", "S_PHOTOM", ("photom", "area"),
              {"inverse": False, "source_type": None, "mrs_time_correction": True, "apply_time_correction": True}),
-    StepSpec("resample", "ResampleStep", "S_RESAMP", (), skip_by_default=True),
+    StepSpec("resample", "ResampleStep", "S_RESAMP", (), RESAMPLE_DEFAULTS, skip_by_default=True),
 )
-
-#: jwst 3.0 ResampleStep spec (calwebb_image2 and calwebb_image3)
-RESAMPLE_DEFAULTS: dict[str, Any] = {
-    "pixfrac": 1.0, "kernel": "square", "fillval": "NAN", "weight_type": "ivm", "output_shape": None, "crpix": None,
-    "crval": None, "rotation": None, "pixel_scale_ratio": 1.0, "pixel_scale": None, "output_wcs": "", "single": False,
-    "blendheaders": True, "in_memory": True, "enable_ctx": True, "enable_err": True, "report_var": True,
-    "propagate_dq": False, "pixmap_stepsize": 1.0, "pixmap_order": 1}
 
 #: calwebb_image3 (Image3Pipeline) for imaging, jwst 3.0 step specs
 IMAGE3: tuple[StepSpec, ...] = (
@@ -167,7 +167,6 @@ IMAGE3: tuple[StepSpec, ...] = (
 
 #: steps calstream does not implement: running them (skip=False) is an error, never a silent no-op
 NOT_IMPLEMENTED: dict[str, str] = {
-    "resample": "resampling (drizzle to an i2d product) is not implemented in calstream",
     "picture_frame": "NIRSpec thermal picture-frame correction is not implemented in calstream",
     "clean_flicker_noise": "1/f flicker-noise cleaning is not implemented in calstream",
     "persistence": "persistence flagging is not implemented in calstream",

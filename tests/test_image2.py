@@ -199,7 +199,8 @@ def test_cli_errors(rate_file: Path, sub160_uncal: Path, tmp_path: Path) -> None
     base = ("--output-dir", str(tmp_path), "--crds-context", CONTEXT)
     assert _cli("run", "calwebb_image2", str(tmp_path / "missing_rate.fits"), *base) == 3
     assert _cli("run", "calwebb_image2", str(sub160_uncal), *base) == 3            # not a rate product
-    assert _cli("run", "calwebb_image2", str(rate_file), *base, "--steps.resample.skip=false") == 5
+    assert _cli("run", "calwebb_image2", str(rate_file), *base, "--steps.resample.skip=false",
+                "--steps.resample.single=true") == 5
     assert _cli("run", "calwebb_image2", str(rate_file), *base, "--steps.photom.nonsense=1") == 2
     assert _cli("run", "calwebb_image2", str(rate_file), *base,
                 f"--steps.flat_field.override_flat={tmp_path / 'nope.fits'}") == 4

@@ -188,3 +188,25 @@ def test_single_exposure_and_custom_grid(image3_field, tmp_path):
         assert i2d.meta.wcsinfo.cdelt1 * 3600 == pytest.approx(0.05)
         np.testing.assert_allclose([[i2d.meta.wcsinfo.pc1_1, i2d.meta.wcsinfo.pc1_2],
                                     [i2d.meta.wcsinfo.pc2_1, i2d.meta.wcsinfo.pc2_2]], [[-1, 0], [0, 1]], atol=1e-12)
+
+
+def test_image2_resample_writes_an_i2d(image3_field, tmp_path):
+    """calwebb_image2's resample step (off by default, as calstream's image2 default): the exposure
+    drizzled onto its own grid as <name>_i2d.fits."""
+    from stdatamodels.jwst import datamodels
+
+    from calstream.steps.image2 import calibrate_rate_file
+
+    rate = image3_field.cal_paths[0].with_name(image3_field.cal_paths[0].name.replace("_cal.fits", "_rate.fits"))
+    result = calibrate_rate_file(rate, tmp_path, cli_steps={"resample": {"skip": False}},
+                                 context=image3_field.context)
+    assert result.status["resample"] == "COMPLETE"
+    assert result.products["i2d"].name == rate.name.replace("_rate.fits", "_i2d.fits")
+    with datamodels.open(result.products["i2d"]) as i2d, datamodels.open(result.products["cal"]) as cal:
+        i2d.validate()
+        assert i2d.meta.resample.pointings == 1 and i2d.meta.cal_step.resample == "COMPLETE"
+        assert i2d.meta.filename == result.products["i2d"].name
+        covered = np.isfinite(i2d.data) & (i2d.con[0] == 1)
+        assert covered.sum() > 0.9 * cal.data.size
+        assert np.nanmedian(i2d.data[covered]) == pytest.approx(np.nanmedian(cal.data), abs=0.3)
+        assert i2d.meta.exposure.exposure_time == cal.meta.exposure.exposure_time

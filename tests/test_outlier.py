@@ -71,7 +71,7 @@ def test_median_stack_in_blocks(tmp_path):
     with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
         expected = np.nanmedian(images, axis=0)
     np.testing.assert_array_equal(med, expected)
-    assert list(tmp_path.iterdir()) == []          # the memory-mapped file is gone
+    assert list(tmp_path.iterdir()) == []          # the temporary file is gone
 
 
 def test_weight_threshold_and_pairs():
