@@ -1,4 +1,4 @@
-"""Every benchmark in one run: detector1 vs jwst, then jump and ramp_fit kernels vs stcal.
+"""Every benchmark in one run: detector1 and image2+image3 vs jwst, then jump and ramp_fit kernels vs stcal.
 
 Usage: python bench/run_all.py  (also `make bench`). Single core throughout; takes several
 minutes, most of it jwst on the full frame.
@@ -13,6 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RUNS = [
     ["bench_detector1.py"],
+    ["bench_image3.py"],
     ["bench_jump.py"],
     ["bench_jump.py", "--nints", "3", "--size", "640"],
     ["bench_ramp_fit.py"],

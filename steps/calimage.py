@@ -203,10 +203,7 @@ def write_image_like(source: str | Path, out: str | Path, arrays: ImageArrays,
         warnings.simplefilter("ignore")
         model = ImageModel(str(source), validate_on_assignment=False)
     try:
-        model.data, model.err, model.dq = arrays.sci, arrays.err, arrays.dq
-        model.var_poisson, model.var_rnoise = arrays.var_poisson, arrays.var_rnoise
-        if arrays.var_flat is not None:
-            model.var_flat = arrays.var_flat
+        arrays.to_model(model)
         if update is not None:
             update(model)
         model.meta.filename = out.name

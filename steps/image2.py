@@ -59,6 +59,13 @@ class ImageArrays:
     var_rnoise: np.ndarray
     var_flat: np.ndarray | None = None
 
+    def to_model(self, model: Any) -> None:
+        """Set a stdatamodels ImageModel's SCI/ERR/DQ/VAR_* arrays to these."""
+        model.data, model.err, model.dq = self.sci, self.err, self.dq
+        model.var_poisson, model.var_rnoise = self.var_poisson, self.var_rnoise
+        if self.var_flat is not None:
+            model.var_flat = self.var_flat
+
     def section(self, rows: slice) -> "ImageArrays":
         """Views of rows ``rows`` (for chunked processing)."""
         vf = None if self.var_flat is None else self.var_flat[rows]
@@ -550,10 +557,7 @@ def _write_cal(source: RateSource, plan: Image2Plan, out: Path, arrays: ImageArr
         warnings.simplefilter("ignore")
         model = ImageModel(source.path)
     try:
-        model.data, model.err, model.dq = arrays.sci, arrays.err, arrays.dq
-        model.var_poisson, model.var_rnoise = arrays.var_poisson, arrays.var_rnoise
-        if arrays.var_flat is not None:
-            model.var_flat = arrays.var_flat
+        arrays.to_model(model)
         if area is not None:
             model.area = area
         meta = model.meta
