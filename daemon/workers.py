@@ -149,9 +149,11 @@ class WorkerPool:
         worker = self._workers.pop(serial, None)
         if worker is None:
             return None, "unknown worker"
-        reason = worker.kill_reason or (f"worker process ended (exit code {exitcode})" if worker.busy else "retired")
+        reason = worker.kill_reason or ("retired" if worker.retiring else f"worker process ended (exit code {exitcode})")
         if worker.busy or not worker.retiring:
             log.warning("worker ended", worker=serial, exitcode=exitcode, job=worker.job_id, reason=reason)
+        else:
+            log.info("worker retired", worker=serial, jobs=worker.jobs_done)
         if worker.ready or worker.kill_reason:
             self.start_failures = 0
             self.maintain()

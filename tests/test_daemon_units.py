@@ -426,3 +426,77 @@ def test_metrics_and_health_endpoints():
         assert 'calstream_associations{state="stuck"} 1.0' in text
     finally:
         metrics.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# worker pool bookkeeping (processes replaced by stand-ins)
+# ---------------------------------------------------------------------------------------------
+
+class _FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid, self.alive, self.killed = pid, True, False
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def kill(self) -> None:
+        self.killed, self.alive = True, False
+
+
+class _FakeConn:
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+
+
+def _fake_pool(size: int, recycle_after: int):
+    from calstream.daemon.workers import Worker, WorkerPool
+
+    pool = WorkerPool(size, lambda message: None, recycle_after=recycle_after)
+
+    def spawn() -> Worker:
+        pool._serial += 1
+        worker = Worker(pool._serial, _FakeProcess(1000 + pool._serial), _FakeConn())
+        pool._workers[worker.serial] = worker
+        return worker
+
+    pool._spawn = spawn
+    return pool
+
+
+def test_pool_recycles_after_n_jobs_and_kills_overdue():
+    pool = _fake_pool(size=2, recycle_after=2)
+    pool.start()
+    first = pool.idle()[0]
+    for job in (1, 2):
+        pool.on_ready(first.serial)
+        pool.assign(first, job, {"job_id": job})
+        assert pool.on_result(first.serial) == job
+    assert first.retiring and first.tasks.sent[-1] is None            # told to leave after 2 jobs
+    assert len(pool._live()) == 2 and first not in pool.idle()        # replacement already started
+    assert pool.on_exit(first.serial, 0) == (None, "retired")
+    assert len(pool._workers) == 2                                     # no extra spawn for a retiree
+    busy = pool.idle()[0]
+    pool.assign(busy, 7, {"job_id": 7})
+    busy.started -= 10
+    assert pool.kill_overdue(timeout=5) == [7] and busy.process.killed
+    job, reason = pool.on_exit(busy.serial, -9)
+    assert job == 7 and reason.startswith("JobTimeout") and len(pool._workers) == 2
+
+
+def test_pool_backs_off_when_workers_die_while_starting():
+    pool = _fake_pool(size=1, recycle_after=50)
+    pool.start()
+    worker, = pool.idle()
+    assert pool.on_exit(worker.serial, 1) == (None, "worker process ended (exit code 1)")
+    assert pool.start_failures == 1 and pool._workers == {}            # not respawned at once
+    pool.maintain()
+    assert pool._workers == {}
+    pool._respawn_at = 0.0                                             # the back-off has passed
+    pool.maintain()
+    assert len(pool._workers) == 1
+    pool.on_ready(next(iter(pool._workers)))
+    pool.on_exit(next(iter(pool._workers)), -9)                        # a ready worker died: respawn now
+    assert pool.start_failures == 0 and len(pool._workers) == 1
