@@ -59,6 +59,7 @@ TICK_SECONDS = 0.25
 SLOW_TICK_SECONDS = 1.0
 RETRY_DELAY_MAX = 60.0
 WORKERS_FAILING = "worker processes fail to start"
+INTAKE_RETRY_SECONDS = 10.0
 
 ContextListener = Callable[[str, str, "Daemon"], None]
 PreDispatch = Callable[[JobRecord, dict], None]
@@ -87,6 +88,7 @@ class Daemon:
         self._acks: dict[int, list[Callable[[str], None]]] = {}
         self._reserved: dict[int, int] = {}
         self._pending_arrivals = 0
+        self._deferred: list[tuple[float, Arrival]] = []
         self._pending_lock = threading.Lock()
         self._stop_reason: str | None = None
         self._grace_deadline: float | None = None
@@ -296,17 +298,27 @@ class Daemon:
         self.metrics.workers_busy.set(len(self.pool.busy()))
         self.metrics.workers.set(self.pool.ready_count())
         self.metrics.memory_reserved.set(sum(self._reserved.values()))
+        now = time.monotonic()
+        due = [a for t, a in self._deferred if t <= now]
+        self._deferred = [(t, a) for t, a in self._deferred if t > now]
+        for arrival in due:
+            self.submit(arrival)
 
     # -- intake ---------------------------------------------------------------------------------------
 
     def _on_arrival(self, arrival: Arrival) -> None:
-        assert self.ledger is not None and self.scheduler is not None
         path = Path(arrival.path).absolute()
         try:
-            st = path.stat()
+            self._intake(arrival, path)
         except FileNotFoundError:
             self._lost_arrival(arrival, path)
-            return
+        except OSError as exc:            # unreadable for now (permissions, I/O error): try again later
+            log.error("input unreadable; will try again", path=str(path), error=str(exc), retry_in=INTAKE_RETRY_SECONDS)
+            self._deferred.append((time.monotonic() + INTAKE_RETRY_SECONDS, arrival))
+
+    def _intake(self, arrival: Arrival, path: Path) -> None:
+        assert self.ledger is not None and self.scheduler is not None
+        st = path.stat()
         known = self.ledger.find_input(str(path), st.st_size, st.st_mtime_ns)
         if known is not None:
             self._attach_ack(known.id, known.state, arrival.ack)
