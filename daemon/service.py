@@ -253,12 +253,16 @@ class Daemon:
                     except queue.Empty:
                         break
             now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + TICK_SECONDS
-                self._tick(slow=now >= next_slow)
-                if now >= next_slow:
-                    next_slow = now + SLOW_TICK_SECONDS
-            self._dispatch()
+            try:
+                if now >= next_tick:
+                    next_tick = now + TICK_SECONDS
+                    self._tick(slow=now >= next_slow)
+                    if now >= next_slow:
+                        next_slow = now + SLOW_TICK_SECONDS
+                self._dispatch()
+            except Exception:         # e.g. the ledger locked by another process for too long
+                log.exception("main loop step failed; going on")
+                time.sleep(TICK_SECONDS)
 
     def _handle(self, event: tuple[str, Any]) -> None:
         kind, payload = event
