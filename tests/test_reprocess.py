@@ -321,8 +321,8 @@ def test_daemon_reprocesses_exactly_what_each_switch_changes(data, tmp_path):
             d.drop(exp["path"])
         for asn in data["asns"].values():
             d.drop(asn)
-        d.wait(lambda lg: _idle(lg) and len([k for k in _current(lg) if k[1] == "cal"]) == 20, 240,
-               "first calibration of 20 exposures")
+        d.wait(lambda lg: _idle(lg) and len([k for k in _current(lg) if k[1] == "cal"]) == 20, 600,
+               "first calibration of 20 exposures")  # generous: shared CI machines
         ledger = d.ledger()
         before = _current(ledger)
         assert {c["context"] for c in ledger.contexts() if c["active"]} == {CTX[0]}
@@ -331,7 +331,7 @@ def test_daemon_reprocesses_exactly_what_each_switch_changes(data, tmp_path):
 
         # 1. crds sync makes jwst_0002 operational: NRCA1 after the date, from detector1, both asns
         sync_operational_context(data["crds"], CTX[1])
-        d.wait(_switched(CTX[1]), 120, "re-processing to jwst_0002")
+        d.wait(_switched(CTX[1]), 400, "re-processing to jwst_0002")
         gain = expected(data, "gain")
         before = _check_switch(d, CTX[1], gain, {"o001", "o002"}, before, "rate", "R_GAIN",
                                {stem: GAIN[2] for stem in gain})
@@ -341,15 +341,15 @@ def test_daemon_reprocesses_exactly_what_each_switch_changes(data, tmp_path):
         with redirect_stdout(out):
             assert main(["context", "use", CTX[2], "--ledger", str(d.ledger_path), "--wait", "30"]) == 0
         assert f"context {CTX[2]} in use" in out.getvalue()
-        d.wait(_switched(CTX[2]), 120, "re-processing to jwst_0003")
+        d.wait(_switched(CTX[2]), 400, "re-processing to jwst_0003")
         flat = expected(data, "flat")
         before = _check_switch(d, CTX[2], flat, {"o002"}, before, "cal", "R_FLAT",
                                {stem: FLAT[by_stem[stem]["detector"]][2] for stem in flat})
-        d.wait_metric('calstream_reprocess_affected{kind="exposures"} 10.0', 10)
+        d.wait_metric('calstream_reprocess_affected{kind="exposures"} 10.0', 30)
 
         # 3. jwst_0004 changes a rule but no selection: recorded, nothing re-runs
         sync_operational_context(data["crds"], CTX[3])
-        d.wait(_switched(CTX[3]), 60, "the jwst_0004 plan")
+        d.wait(_switched(CTX[3]), 120, "the jwst_0004 plan")
         time.sleep(1.0)
         ledger = d.ledger()
         try:
