@@ -116,7 +116,10 @@ class WorkerPool:
         """Ask idle workers to leave, kill any that do not within ``timeout``."""
         self._stopping = True
         for worker in list(self._workers.values()):
-            self._send(worker, None)
+            if not worker.ready and not worker.busy:
+                worker.process.kill()           # still importing: nothing to finish
+            else:
+                self._send(worker, None)
         deadline = time.monotonic() + timeout
         for worker in list(self._workers.values()):
             worker.process.join(max(0.0, deadline - time.monotonic()))
