@@ -737,6 +737,9 @@ def remove_partial_files(root: Path) -> int:
 def build_daemon(config: DaemonConfig) -> Daemon:
     """A Daemon with the components whose config sections are present (see COMPONENTS)."""
     daemon = Daemon(config)
+    from .requeue import attach as attach_crds_policy  # noqa: PLC0415 - CRDS context changes (always on)
+
+    attach_crds_policy(daemon)
     for section, target in COMPONENTS.items():
         if section in config.sections:
             module, _, function = target.partition(":")
