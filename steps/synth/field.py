@@ -35,7 +35,7 @@ import numpy as np
 from ..catalog import AB_ZEROPOINT_JY
 from ..dqflags import DO_NOT_USE
 from .crds_cache import CrdsCacheInfo, build_crds_cache
-from .detector import FULL_SIZE, REF_BORDER, detector_info, gain_factor, pixel_maps, subarray_for
+from .detector import FULL_SIZE, REF_BORDER, detector_info, frame_time, gain_factor, pixel_maps, subarray_for
 from .exposures import (ExposureConfig, ExposureTruth, NoiseParams, exposure_basename, exposure_timing,
                         generate_exposure)
 from .scene import Scene, SkySource, Source, aperture_wcs, point_aperture, project, render_rate, subarray_v2v3
@@ -114,7 +114,7 @@ def generate_field(out_dir: str | os.PathLike, crds_root: str | os.PathLike, *, 
                    ngroups: int | Sequence[int] = (3, 3, 2, 2), readpatt: str = "RAPID", seed: int = 0,
                    cache_seed: int = 0, pointing_error_arcsec: float = 0.15, roll_error_arcsec: float = 5.0,
                    exact_first_pointing: bool = True, stars_per_arcmin2: float = 300.0,
-                   galaxies_per_arcmin2: float = 100.0, flux_range: tuple[float, float] = (1500.0, 20000.0),
+                   galaxies_per_arcmin2: float = 100.0, flux_range: tuple[float, float] | None = None,
                    sky: float = 3.0, target_ra: float = 53.16, target_dec: float = -27.78, pa_v3: float = 45.0,
                    dithers: Sequence[tuple[float, float]] = FIELD_DITHERS,
                    product_name: str = "synth_field", start: str = "2024-03-01T12:00:00.000",
@@ -125,8 +125,10 @@ def generate_field(out_dir: str | os.PathLike, crds_root: str | os.PathLike, *, 
     2-group ones, whose cosmic rays all survive stage 1 and which still weigh ~10% each in an
     inverse-variance mosaic (so a cosmic ray left in would show). ``seed`` draws the scene and the pointing
     errors; ``cache_seed`` is the synthetic CRDS cache's seed (pixel maps, references, and with the
-    exposure number, the noise and cosmic rays). The association's members are the ``_cal.fits``
-    names of the exposures (calibrate them into ``out_dir``).
+    exposure number, the noise and cosmic rays). ``flux_range`` [e-/s] defaults to a decade below
+    the flux whose central pixel fills half the full well in the longest integration (no saturated
+    stars: SUB640 ~2000-19000, FULL ~760-7600 e-/s). The association's members are the
+    ``_cal.fits`` names of the exposures (calibrate them into ``out_dir``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +147,7 @@ def generate_field(out_dir: str | os.PathLike, crds_root: str | os.PathLike, *, 
     sources = field_sources(rng, aperture_wcs(info, sub, nominal0), sub, info.pixel_scale,
                             margin=24.0 + max(max(abs(dx), abs(dy)) for dx, dy in dithers[:n_exposures]),
                             stars_per_arcmin2=stars_per_arcmin2, galaxies_per_arcmin2=galaxies_per_arcmin2,
-                            flux_range=flux_range)
+                            flux_range=flux_range or unsaturated_flux_range(base, groups))
     distortion, offset = _wcs_references(cache, det, filt)
     exposures, wcss, truths = [], [], []
     t_next = None
@@ -205,6 +207,22 @@ def field_sources(rng: np.random.Generator, wcs: Any, sub: Any, pixel_scale: flo
                                  r_eff=float(rng.uniform(0.05, 0.2)), n=float(rng.choice([1.0, 1.0, 4.0])),
                                  q=float(rng.uniform(0.4, 1.0)), pa=float(rng.uniform(0.0, 180.0)), id=i + 1))
     return out
+
+
+def unsaturated_flux_range(cfg: ExposureConfig, ngroups: Sequence[int], well_fraction: float = 0.5,
+                           decades: float = 1.0) -> tuple[float, float]:
+    """(min, max) star flux [e-/s]: at max, the central pixel of a centred star (SkySource's FWHM)
+    collects ``well_fraction`` of the full well in the longest integration of ``ngroups``."""
+    from scipy.special import erf  # noqa: PLC0415
+
+    info, sub = detector_info(cfg.detector), subarray_for(cfg.detector, cfg.subarray)
+    p = cfg.detector_params
+    gain = p.gain_lw if info.channel == "LONG" else p.gain_sw
+    sigma = SkySource("star", 0.0, 0.0, 1.0).fwhm / info.pixel_scale / 2.3548
+    peak = erf(0.5 / (sigma * math.sqrt(2.0))) ** 2
+    seconds = max(cfg.pattern.total_frames(g) for g in ngroups) * frame_time(sub)
+    top = well_fraction * p.well_dn * gain / (peak * seconds)
+    return float(top / 10.0 ** decades), float(top)
 
 
 def _pointings(cfg: ExposureConfig, info: Any, sub: Any, rng: np.random.Generator, error_arcsec: float,
@@ -435,4 +453,4 @@ def _write_products(out_dir: Path, cache: CrdsCacheInfo, det: str, sub_name: str
 
 
 __all__ = ["FIELD_DITHERS", "FieldExposure", "FieldInfo", "FieldPointing", "field_sources", "generate_field",
-           "source_truth", "surviving_cosmic_rays", "true_wcs"]
+           "source_truth", "surviving_cosmic_rays", "true_wcs", "unsaturated_flux_range"]

@@ -190,11 +190,13 @@ def _max_offset(wcs: Any, truth_wcs: Any, shape: tuple[int, int], step: int = 32
     return float(np.max(separation_arcsec(ra, dec, ra0, dec0)))
 
 
-def _near_a_source(ra: float, dec: float, truth: Mapping[str, Any], radius_arcsec: float = 1.0) -> bool:
+def _near_sources(ra: np.ndarray, dec: np.ndarray, truth: Mapping[str, Any], radius_arcsec: float = 1.0) -> np.ndarray:
+    """bool per position: within ``radius_arcsec`` (+ 7 half-light radii) of a truth source."""
     src_ra = np.array([s["ra"] for s in truth["sources"]])
     src_dec = np.array([s["dec"] for s in truth["sources"]])
     reach = radius_arcsec + 7.0 * np.array([s["r_eff_arcsec"] for s in truth["sources"]])
-    return bool(np.any(separation_arcsec(src_ra, src_dec, ra, dec) < reach))
+    sep = separation_arcsec(np.asarray(ra)[:, None], np.asarray(dec)[:, None], src_ra[None, :], src_dec[None, :])
+    return np.any(sep < reach[None, :], axis=1)
 
 
 def _check_cosmic_rays(result: Image3Truth, exp: Mapping[str, Any], crf: Any, i2d: Any, truth: Mapping[str, Any],
@@ -202,32 +204,40 @@ def _check_cosmic_rays(result: Image3Truth, exp: Mapping[str, Any], crf: Any, i2
     """Count OUTLIER flags of exposure ``k``'s surviving hits (snr >= ``cr_snr``, on sky every
     exposure covers) in its crf; return (remaining Jy, its error, Jy a leaked hit would leave) in
     the mosaic for the brightest pixel of each hit on empty sky."""
+    from scipy.ndimage import uniform_filter  # noqa: PLC0415
+
     survivors = [cr for cr in exp["surviving_crs"] if not cr["do_not_use"]]
+    if not survivors:
+        return []
+    ys, xs = (np.array([cr[key] for cr in survivors], int) for key in ("y", "x"))
+    ra, dec, snr, excess = (np.array([cr[key] for cr in survivors], float) for key in ("ra", "dec", "snr", "excess_dn_s"))
+    dq = np.asarray(crf.dq[ys, xs], np.int64)
+    usable = ~(((dq & DO_NOT_USE) != 0) & ((dq & OUTLIER) == 0))
+    tested = np.flatnonzero((snr >= cr_snr) & usable & _covered_by_all(ra, dec, wcss, truth))
+    tested = tested[np.argsort(-excess[tested], kind="stable")]
+    result.n_cr_tested += len(tested)
+    result.n_cr_flagged += int(np.count_nonzero(dq[tested] & OUTLIER))
+    # the excess of every surviving pixel within one pixel (a hit and its neighbour shares)
+    image = np.zeros(crf.dq.shape, float)
+    np.add.at(image, (ys, xs), excess)
+    hit = uniform_filter(image, size=3, mode="constant") * 9.0
+    taken = np.zeros(crf.dq.shape, bool)
     weight_fraction = result.weights[k] / sum(result.weights)
     to_jy_out = 1e6 * float(i2d.meta.photometry.pixelarea_steradians)
     to_jy_in = truth["photmjsr"] * 1e6 * truth["pixar_sr"]
-    tested = [cr for cr in survivors if cr["snr"] >= cr_snr and not _unusable(int(crf.dq[cr["y"], cr["x"]]))
-              and _covered_by_all(cr["ra"], cr["dec"], wcss, truth)]
-    remaining, used = [], []
-    for cr in sorted(tested, key=lambda c: -c["excess_dn_s"]):
-        result.n_cr_tested += 1
-        result.n_cr_flagged += int(bool(crf.dq[cr["y"], cr["x"]] & OUTLIER))
-        if _near_a_source(cr["ra"], cr["dec"], truth) or any(abs(cr["y"] - y) <= 3 and abs(cr["x"] - x) <= 3
-                                                            for y, x in used):
+    sky = tested[~_near_sources(ra[tested], dec[tested], truth)]
+    if not len(sky):
+        return []
+    out_x, out_y = i2d.meta.wcs.invert(ra[sky], dec[sky], with_bounding_box=False)
+    remaining = []
+    for i, x, y in zip(sky, np.atleast_1d(out_x), np.atleast_1d(out_y)):
+        if taken[ys[i], xs[i]]:
             continue
-        used.append((cr["y"], cr["x"]))
-        x, y = i2d.meta.wcs.invert(cr["ra"], cr["dec"], with_bounding_box=False)
+        taken[max(ys[i] - 3, 0):ys[i] + 4, max(xs[i] - 3, 0):xs[i] + 4] = True
         measured, sigma = _box_excess(i2d.data, i2d.err, float(x), float(y))
-        if not np.isfinite(measured):
-            continue
-        hit = sum(c["excess_dn_s"] for c in survivors if abs(c["y"] - cr["y"]) <= 1 and abs(c["x"] - cr["x"]) <= 1)
-        remaining.append((measured * to_jy_out, sigma * to_jy_out, hit * to_jy_in * weight_fraction))
+        if np.isfinite(measured):
+            remaining.append((measured * to_jy_out, sigma * to_jy_out, hit[ys[i], xs[i]] * to_jy_in * weight_fraction))
     return remaining
-
-
-def _unusable(dq: int) -> bool:
-    """DO_NOT_USE for another reason than an OUTLIER flag (the pixel never reaches the mosaic)."""
-    return bool(dq & DO_NOT_USE) and not dq & OUTLIER
 
 
 def _covered_by_all(ra: Any, dec: Any, wcss: list[Any], truth: Mapping[str, Any], margin: float = 2.0) -> Any:
@@ -305,8 +315,7 @@ def _check_total_flux(result: Image3Truth, i2d: Any, segm: np.ndarray, truth: Ma
     sci = np.asarray(i2d.data, float)
     ny, nx = sci.shape
     yy, xx = np.mgrid[0:ny, 0:nx].astype(float)
-    ra, dec = i2d.meta.wcs(xx, yy, with_bounding_box=False)
-    covered = np.isfinite(sci) & _covered_by_all(ra, dec, wcss, truth)
+    covered = np.isfinite(sci) & _coverage_map(i2d.meta.wcs, sci.shape, wcss, truth)
     region = covered.copy()
     light = np.zeros(sci.shape, bool)        # where the rendered sources put light (their stamps)
     inside = []
@@ -326,6 +335,20 @@ def _check_total_flux(result: Image3Truth, i2d: Any, segm: np.ndarray, truth: Ma
     result.total_flux_expected_jy = float(sum(expected[s["id"]] for s in inside))
     result.n_sources_in_total = len(inside)
     result.total_flux_ratio = measured / result.total_flux_expected_jy
+
+
+def _coverage_map(wcs: Any, shape: tuple[int, int], wcss: list[Any], truth: Mapping[str, Any],
+                  step: int = 4) -> np.ndarray:
+    """bool (ny, nx): output pixels every exposure covers, computed every ``step`` pixels (the
+    footprint edges are straight to well under a pixel over that distance) and 3 pixels in."""
+    from scipy.ndimage import binary_erosion  # noqa: PLC0415
+
+    ny, nx = shape
+    gy, gx = np.mgrid[0:ny + step:step, 0:nx + step:step].astype(float)
+    ra, dec = wcs(gx, gy, with_bounding_box=False)
+    coarse = _covered_by_all(ra, dec, wcss, truth)
+    fine = np.repeat(np.repeat(coarse, step, axis=0), step, axis=1)[:ny, :nx]
+    return binary_erosion(fine, iterations=3)
 
 
 def _stamp_radius(source: Mapping[str, Any], pixel_scale: float) -> float:
