@@ -5,7 +5,7 @@ Usage: python bench/bench_image3.py [--subarray FULL] [--workdir bench-output] [
 The field (synth.field: 4 dithered NRCA1 exposures with stars, galaxies and cosmic rays) is
 generated and run through calwebb_detector1 once, cached under ``<workdir>/image3_<subarray>/``.
 Everything measured runs single-core (taskset to CPU 0, one thread) in its own subprocess, which
-reports its wall time (imports excluded) and peak RSS (VmHWM):
+reports its wall time and CPU time (imports excluded) and peak RSS (VmHWM):
 
 * calstream: calwebb_image2 on the four rate files, then calwebb_image3 on their association;
 * jwst 3.0: Image2Pipeline (resample skipped, like calstream's default), then on calstream's cal
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_detector1 import SINGLE_CORE_ENV, _subprocess, peak_rss_mb
+from bench_detector1 import _subprocess, peak_rss_mb
 
 CONTEXT = "jwst_0002.pmap"
 
@@ -79,45 +79,55 @@ def worker(kind: str, spec_json: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     extra: dict = {}
+    cpu0 = 0.0
     if kind == "ours_image2":
         from calstream.steps.image2 import calibrate_rate_file
 
-        imported = time.perf_counter()
+        imported, cpu0 = time.perf_counter(), _cpu_seconds()
         for rate in spec["rates"]:
             calibrate_rate_file(rate, out, context=spec["context"])
     elif kind == "ours_image3":
         from calstream.steps.image3 import calibrate_association
 
-        imported = time.perf_counter()
+        imported, cpu0 = time.perf_counter(), _cpu_seconds()
         result = calibrate_association(spec["asn"], out, context=spec["context"])
         extra = {"steps": result.step_seconds, "status": result.status}
     elif kind == "jwst_image2":
         from jwst.pipeline import Image2Pipeline
 
-        imported = time.perf_counter()
+        imported, cpu0 = time.perf_counter(), _cpu_seconds()
         for rate in spec["rates"]:
             Image2Pipeline.call(rate, output_dir=str(out), save_results=True, steps={"resample": {"skip": True}})
     elif kind == "jwst_resample":
         from jwst.resample import ResampleStep
 
-        imported = time.perf_counter()
+        imported, cpu0 = time.perf_counter(), _cpu_seconds()
         ResampleStep.call(spec["asn"], output_dir=str(out), save_results=True)
     elif kind == "jwst_outlier":
         from jwst.outlier_detection import OutlierDetectionStep
 
-        imported = time.perf_counter()
+        imported, cpu0 = time.perf_counter(), _cpu_seconds()
         OutlierDetectionStep.call(spec["asn"], output_dir=str(out), save_results=True, in_memory=True)
     elif kind == "jwst_image3":
         from jwst.pipeline import Image3Pipeline
 
-        imported = time.perf_counter()
+        imported, cpu0 = time.perf_counter(), _cpu_seconds()
         # no apcorr/abvegaoffset references in the synthetic CRDS cache: jwst's source_catalog cannot run
         Image3Pipeline.call(spec["asn"], output_dir=str(out), save_results=True,
                             steps={"source_catalog": {"skip": True}})
     else:
         raise SystemExit(f"unknown worker {kind}")
     done = time.perf_counter()
-    print(json.dumps({"seconds": done - imported, "import": imported - t0, "maxrss_mb": peak_rss_mb(), **extra}))
+    print(json.dumps({"seconds": done - imported, "import": imported - t0, "cpu_s": _cpu_seconds() - cpu0,
+                      "maxrss_mb": peak_rss_mb(), **extra}))
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (insensitive to other load on the machine)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def measure(kind: str, spec: dict) -> dict:
@@ -171,12 +181,17 @@ def _print(subarray: str, r: dict) -> None:
     print(f"\ncalwebb_image2 + calwebb_image3, 4 x {subarray} NRCA1 exposures, single core")
     print(f"  {'measure':40s} {'calstream':>10s} {'jwst':>10s} {'jwst/ours':>10s}")
     _row("image2, 4 exposures [s]", ours2["seconds"], get("jwst_image2", "seconds"))
+    _row("image2, 4 exposures, CPU [s]", ours2.get("cpu_s"), get("jwst_image2", "cpu_s"))
     _row("image2 peak RSS [MB]", ours2["maxrss_mb"], get("jwst_image2", "maxrss_mb"))
     _row("image3 without source_catalog [s]", ours3["seconds"] - steps.get("source_catalog", 0.0),
          get("jwst_image3", "seconds"))
+    _row("image3 without source_catalog, CPU [s]", ours3["cpu_s"] - steps.get("source_catalog", 0.0),
+         get("jwst_image3", "cpu_s"))
     _row("image3 peak RSS [MB]", ours3["maxrss_mb"], get("jwst_image3", "maxrss_mb"))
     _row("resample step [s]", steps.get("resample", 0) + steps.get("write_i2d", 0), get("jwst_resample", "seconds"))
     _row("outlier_detection step [s]", steps.get("outlier_detection"), get("jwst_outlier", "seconds"))
+    _row("jwst ResampleStep / OutlierDetectionStep CPU [s]", None, get("jwst_resample", "cpu_s"))
+    _row("", None, get("jwst_outlier", "cpu_s"))
     _row("peak RSS: our image3 vs jwst ResampleStep [MB]", ours3["maxrss_mb"], get("jwst_resample", "maxrss_mb"))
     _row("peak RSS: our image3 vs jwst OutlierDet. [MB]", ours3["maxrss_mb"], get("jwst_outlier", "maxrss_mb"))
     print("  calstream image3 steps [s]: " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))

@@ -474,9 +474,12 @@ def run_image3(asn: Association, members: Sequence[Member], plan: Image3Plan, ou
             products.update({f"crf:{p.name}": p for p in crfs})
         if plan.runs("resample"):
             mosaic = timed("resample", lambda: run_resample(members, params["resample"], pixmaps))
+            pixmaps.close()
             i2d = out_dir / f"{asn.product_name}_i2d.fits"
-            model = timed("write_i2d", lambda: write_mosaic(mosaic, members, plan, status, i2d, asn,
-                                                            params["resample"]))
+            model = timed("write_i2d", lambda: _primary_only(write_mosaic(mosaic, members, plan, status, i2d, asn,
+                                                                          params["resample"])))
+            mosaic.variances.clear()    # the catalog needs SCI, ERR and WHT only
+            mosaic.con = None
             products["i2d"] = i2d
         if plan.runs("source_catalog"):
             products.update(timed("source_catalog", lambda: _catalog(mosaic, model, asn, out_dir,
@@ -488,6 +491,16 @@ def run_image3(asn: Association, members: Sequence[Member], plan: Image3Plan, ou
     total = time.perf_counter() - started
     log.info("image3 done", product=asn.product_name, members=len(members), seconds=round(total, 3))
     return Image3Result(products, status, plan.context, seconds, total, [_summary(m) for m in members])
+
+
+def _primary_only(model: Any) -> Any:
+    """A metadata-only copy (PRIMARY keywords) of a written product; the product model is closed."""
+    from stdatamodels.jwst.datamodels import ImageModel  # noqa: PLC0415
+
+    meta = ImageModel(None)
+    meta.update(model, only="PRIMARY")
+    model.close()
+    return meta
 
 
 def _catalog(mosaic: Mosaic, model: Any, asn: Association, out_dir: Path, p: Mapping[str, Any]) -> dict[str, Path]:

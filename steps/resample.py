@@ -532,6 +532,7 @@ class MosaicAccumulator:
         self._wsum = {n: np.full(shape, np.nan, np.float32) for n in VARIANCE_NAMES} if self.enable_var else {}
         self._wt = {n: np.zeros(shape, np.float32) for n in VARIANCE_NAMES} if self.enable_var else {}
         self._scratch: tuple[np.ndarray, np.ndarray] | None = None
+        self._rn: np.ndarray | None = None
         self._groups: list[str] = []
         self._starts: list[float] = []
         self._ends: list[float] = []
@@ -569,28 +570,33 @@ class MosaicAccumulator:
                 "xmin": xmin, "xmax": xmax, "ymin": ymin, "ymax": ymax}
 
     def _add_variances(self, image: ResampleInput, kwargs: Mapping[str, Any]) -> None:
+        """Drizzle sqrt(var) of each variance, square it and add it to the running sums, one
+        variance at a time (the resampled VAR_RNOISE is kept: it weights the others)."""
         from drizzle.resample import Drizzle  # noqa: PLC0415
 
-        resampled: dict[str, np.ndarray] = {}
+        ivm = self.weight_type == "ivm"
+        rn = None
         for name in VARIANCE_NAMES:
             var = getattr(image, name)
             if var is None or var.shape != image.sci.shape:
+                if name == "var_rnoise" and ivm:
+                    return   # stcal cannot weight without VAR_RNOISE: nothing accumulated
                 continue
             img, wht = self._scratch_arrays()
             driz = Drizzle(out_shape=self.grid.shape, kernel=self.kernel, fillval=np.nan, disable_ctx=True,
                            out_img=img, out_wht=wht)
             driz.add_image(data=np.sqrt(var), **kwargs)
-            resampled[name] = driz.out_img ** 2
-        rn = resampled.get("var_rnoise")
-        if self.weight_type == "ivm" and rn is None:
-            return   # stcal cannot weight without VAR_RNOISE: nothing accumulated
-        names = tuple(resampled)
-        if not names:
-            return
-        _accumulate_variance(rn if rn is not None else resampled[names[0]],
-                             tuple(resampled[n] for n in names), tuple(self._wsum[n] for n in names),
-                             tuple(self._wt[n] for n in names), float(image.times.weight_time()),
-                             self.weight_type == "ivm")
+            np.square(img, out=img)
+            if name == "var_rnoise":
+                rn = self._rn_buffer()
+                rn[...] = img
+            _accumulate_variance(rn if ivm else img, (img,), (self._wsum[name],), (self._wt[name],),
+                                 float(image.times.weight_time()), ivm)
+
+    def _rn_buffer(self) -> np.ndarray:
+        if self._rn is None:
+            self._rn = np.empty(self.grid.shape, np.float32)
+        return self._rn
 
     def _scratch_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Reused (NaN image, zero weight) output buffers for the variance drizzles."""
@@ -618,6 +624,7 @@ class MosaicAccumulator:
         if self.n_added == 0:
             raise ValueError("nothing was added to the mosaic")
         driz = self._driz
+        self._scratch = self._rn = None
         variances: dict[str, np.ndarray] = {}
         err = None
         if self.enable_var:
