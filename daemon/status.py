@@ -74,7 +74,9 @@ def cmd_status(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"calstream: error: {exc}", file=sys.stderr)
         return 2
     try:
-        print(render_status(ledger, daemon_pid(path), errors=args.errors))
+        print(render_status(ledger, daemon_pid(path), errors=args.errors), flush=True)
+    except BrokenPipeError:                 # `calstream status | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         ledger.close()
     return 0

@@ -282,7 +282,9 @@ def _leave() -> None:
     every product is already renamed into place and every message sent."""
     import logging  # noqa: PLC0415
     import sys  # noqa: PLC0415
+    from multiprocessing import util  # noqa: PLC0415
 
+    util._run_finalizers()      # unlink named semaphores (crds creates one at import)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
