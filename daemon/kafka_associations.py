@@ -133,6 +133,11 @@ class AssociationRouter:
             done()
             return
         if kind == "declared":
+            if not isinstance(event.get("asn_path"), str) or not event["asn_path"].startswith("/"):
+                self.publish_error(error_event(path=origin, reason=f"declaration of {asn_id} without an absolute "
+                                               "asn_path", error_class="MalformedMessage", stage="associations"))
+                done()
+                return
             self.counts["owned"] += 1
             log.info("association owned here", asn_id=asn_id, origin=origin)
             submit(Arrival(path=Path(str(event["asn_path"])), kind="asn", origin=origin,

@@ -116,7 +116,7 @@ class BroadcastReader:
                 partitions += [TopicPartition(topic, p) for p in sorted(ids)]
             contexts = [tp for tp in partitions if tp.topic == self.settings.topics.contexts]
             associations = [tp for tp in partitions if tp.topic != self.settings.topics.contexts]
-            newest, context_ends = self._newest_context(consumer, contexts)
+            newest, context_ends = self._newest_context(contexts)
             consumer.assign(partitions)
             for tp in contexts:
                 consumer.seek(tp, context_ends[tp])
@@ -134,19 +134,24 @@ class BroadcastReader:
             self._context(newest)
         self._check_caught_up()
 
-    def _newest_context(self, consumer: Any, contexts: list) -> tuple[Any, dict]:
-        """(the newest record over the contexts partitions or None, their end offsets)."""
-        consumer.assign(contexts)
-        ends = consumer.end_offsets(contexts)
-        for tp in contexts:
-            consumer.seek(tp, max(0, ends[tp] - 1))
-        last: dict[Any, Any] = {}
-        deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
-        while any(consumer.position(tp) < ends[tp] for tp in contexts):
-            if time.monotonic() > deadline:
-                raise TimeoutError("could not read the newest CRDS context announcement")
-            for tp, batch in consumer.poll(timeout_ms=self.settings.poll_timeout_ms).items():
-                last[tp] = batch[-1]
+    def _newest_context(self, contexts: list) -> tuple[Any, dict]:
+        """(the newest record over the contexts partitions or None, their end offsets), read by a
+        consumer of its own (the main one never seeks after fetching)."""
+        consumer = self._factory()
+        try:
+            consumer.assign(contexts)
+            ends = consumer.end_offsets(contexts)
+            for tp in contexts:
+                consumer.seek(tp, max(0, ends[tp] - 1))
+            last: dict[Any, Any] = {}
+            deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
+            while any(consumer.position(tp) < ends[tp] for tp in contexts):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("could not read the newest CRDS context announcement")
+                for tp, batch in consumer.poll(timeout_ms=self.settings.poll_timeout_ms).items():
+                    last[tp] = batch[-1]
+        finally:
+            consumer.close(autocommit=False)
         newest = max(last.values(), key=lambda r: (r.timestamp, r.partition), default=None)
         return newest, ends
 

@@ -9,8 +9,11 @@ partitions between them.
   back (from the daemon's thread) through a queue; the loop commits, per partition, everything below
   the oldest unfinished offset (:class:`~calstream.daemon.kafka_offsets.OffsetTracker`) — only after
   the daemon recorded the input's terminal state, so at least once, never lost.
-* Back-pressure: while ``has_capacity()`` is False (or ``max_in_flight`` arrivals are unfinished)
-  the arrival partitions are paused; a batch cut short seeks back to its first unsubmitted message.
+* Back-pressure: arrivals wait in a small local backlog (what one fetch returned) and are handed
+  on while ``has_capacity()`` holds and fewer than ``max_in_flight`` are unfinished; a partition
+  with a backlog, or all of them when there is no room, is paused. Every poll drains what the
+  client has parsed (kafka-python 3.0 never fetches again a partition paused with parsed records
+  left over, and a seek back after a cut-short batch has the same effect), so no seek is used.
 * A message that cannot be used (not JSON, no path, a relative path, a missing file, ...) becomes an
   error event on the errors topic and is committed: it never blocks its partition.
 * Rebalance: revoked partitions commit what is finished (asynchronously: kafka-python runs listeners
@@ -30,6 +33,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
@@ -49,6 +53,9 @@ log = structlog.get_logger("calstream.daemon.kafka_source")
 
 Submit = Callable[[Arrival], None]
 Done = Callable[[], None]
+
+#: max_records of every poll: all the client has parsed (see the module docstring)
+POLL_EVERYTHING = 1 << 20
 
 
 class AssociationRouting(Protocol):
@@ -98,6 +105,8 @@ class KafkaSource:
         self._submit: Submit | None = None
         self._consumer: Any = None
         self._owned_reported: set[int] | None = None    # association partitions last told to routing
+        self._owned_assigned: set[int] | None = None    # ... as the last assignment callback gave them
+        self._backlog: dict[Any, deque] = {}             # arrival partition -> fetched, not handed on
         self.counts = {"submitted": 0, "malformed": 0, "committed": 0, "joined": 0}
 
     @property
@@ -157,6 +166,7 @@ class KafkaSource:
         except Exception:  # noqa: BLE001 - a consumer of a dead broker may fail to close
             log.debug("closing the Kafka consumer failed", exc_info=True)
         self.tracker.drop(self.tracker.partitions())
+        self._drop_backlog(list(self._backlog))
         self._revoke_ownership()
 
     def _run(self) -> None:
@@ -172,10 +182,12 @@ class KafkaSource:
                 self._drain_acks()
                 self._commit(self._consumer)
                 self._flow_control(self._consumer)
-                records = self._consumer.poll(timeout_ms=self.settings.poll_timeout_ms)
+                records = self._consumer.poll(timeout_ms=self.settings.poll_timeout_ms,
+                                              max_records=POLL_EVERYTHING)
                 self._report_ownership(self._consumer)
                 if records:
                     self._handle(self._consumer, records)
+                self._feed()
                 if time.monotonic() >= next_probe:
                     self._probe(self._consumer)
                     next_probe = time.monotonic() + self.settings.probe_interval_s
@@ -191,8 +203,9 @@ class KafkaSource:
         """Tell the router which association partitions are ours after each (re)assignment."""
         if self.routing is None:
             return
-        owned = {tp.partition for tp in consumer.assignment() if tp.topic == self.settings.topics.associations}
-        if owned != self._owned_reported:
+        with self._lock:
+            owned = self._owned_assigned         # None between a revocation and the next assignment
+        if owned is not None and owned != self._owned_reported:
             self._owned_reported = owned
             self.routing.assignment_changed(owned)
 
@@ -207,19 +220,46 @@ class KafkaSource:
     # -- messages ---------------------------------------------------------------------------------
 
     def _handle(self, consumer: Any, records: Mapping[Any, list]) -> None:
+        """Association events are handled at once; arrivals join the backlog."""
+        if self._draining.is_set():
+            return        # stopping: not begun, so not committed; the group's next owner gets them
+        with self._lock:
+            for partition, batch in records.items():
+                if partition.topic == self.settings.topics.arrivals:
+                    self._backlog.setdefault(partition, deque()).extend(batch)
         for partition, batch in records.items():
-            for index, record in enumerate(batch):
-                is_arrival = partition.topic == self.settings.topics.arrivals
-                if self._draining.is_set() or (is_arrival and not self._room()):
-                    consumer.seek(partition, record.offset)      # fetched again after resume
-                    consumer.pause(partition)
-                    break
+            if partition.topic != self.settings.topics.arrivals:
+                for record in batch:
+                    self._dispatch(partition, record)
+
+    def _feed(self) -> None:
+        """Hand backlog arrivals to the daemon while there is room, one partition after another."""
+        while self._room():
+            with self._lock:
+                partitions = [tp for tp, queued in self._backlog.items() if queued]
+                if not partitions:
+                    return
+                handed = [(tp, self._backlog[tp].popleft()) for tp in partitions]
+            for partition, record in handed:
                 self._dispatch(partition, record)
+
+    def _drop_backlog(self, partitions: Any) -> None:
+        with self._lock:
+            for partition in list(partitions):
+                self._backlog.pop(partition, None)
 
     def _revoke_ownership(self) -> None:
         if self.routing is not None:
+            with self._lock:
+                self._owned_assigned = None
             self._owned_reported = None
             self.routing.revoked()
+
+    def _assigned(self, partitions: Any) -> None:
+        """Assignment callback (IO thread): the association partitions owned from now on."""
+        with self._lock:
+            self._owned_assigned = {tp.partition for tp in partitions
+                                    if tp.topic == self.settings.topics.associations}
 
     def _room(self) -> bool:
         if self._draining.is_set():
@@ -239,13 +279,19 @@ class KafkaSource:
         if partition.topic != self.settings.topics.arrivals:
             assert self.routing is not None
             ticket = self.tracker.begin(partition, record.offset)
-            self.routing.handle(record.value, origin, self._submit_arrival, lambda: self._acks.put(ticket))
+            try:
+                self.routing.handle(record.value, origin, self._submit_arrival, lambda: self._acks.put(ticket))
+            except Exception as exc:  # noqa: BLE001 - a bad event must never block its partition
+                log.exception("association event not usable", origin=origin)
+                self._acks.put(ticket)
+                self.publish_error(error_event(path=origin, reason=f"{type(exc).__name__}: {exc}",
+                                               error_class="MalformedMessage", stage="associations"))
             return
         try:
             message = parse_arrival(record.value)
             if not message.path.is_file():
                 raise MessageError(f"no such file on the shared storage: {message.path}")
-        except MessageError as exc:
+        except (MessageError, OSError) as exc:
             self._malformed(partition, record, str(exc))
             return
         ticket = self.tracker.begin(partition, record.offset)
@@ -323,15 +369,17 @@ class KafkaSource:
             if pause:
                 consumer.pause(*pause)
             return
+        room = self._room()
+        with self._lock:
+            waiting = {tp for tp, queued in self._backlog.items() if queued}
         arrivals = [tp for tp in assigned if tp.topic == self.settings.topics.arrivals]
-        if self._room():
-            resume = [tp for tp in arrivals if tp in paused]
-            if resume:
-                consumer.resume(*resume)
-        else:
-            pause = [tp for tp in arrivals if tp not in paused]
-            if pause:
-                consumer.pause(*pause)
+        hold = [tp for tp in arrivals if not room or tp in waiting]
+        pause = [tp for tp in hold if tp not in paused]
+        resume = [tp for tp in arrivals if tp in paused and tp not in hold]
+        if pause:
+            consumer.pause(*pause)
+        if resume:
+            consumer.resume(*resume)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -347,16 +395,19 @@ class _Rebalance(ConsumerRebalanceListener):
         if offsets:
             self.consumer.commit_async({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
         source.tracker.drop(revoked)
+        source._drop_backlog(revoked)
         source._revoke_ownership()
         if revoked:
             log.info("partitions revoked", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked),
                      committed=len(offsets))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
+        self.source._assigned(assigned)
         log.info("partitions assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
 
     def on_partitions_lost(self, lost: Any) -> None:
         self.source.tracker.drop(lost)
+        self.source._drop_backlog(lost)
         self.source._revoke_ownership()
         log.warning("partitions lost (group membership expired)",
                     partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in lost))

@@ -48,9 +48,9 @@ class DaemonProcess:
     log_path: Path
     process: subprocess.Popen | None = None
 
-    def start(self, env: dict[str, str]) -> "DaemonProcess":
+    def start(self, env: dict[str, str], log_level: str = "INFO") -> "DaemonProcess":
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(CALSTREAM + ["--log-json", "--log-level", "INFO", "daemon", "--config",
+        self.process = subprocess.Popen(CALSTREAM + ["--log-json", "--log-level", log_level, "daemon", "--config",
                                                      str(self.config)],
                                         stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
@@ -112,6 +112,7 @@ class KafkaCluster:
     partitions: int = 4
     workers: int = 1
     extra_daemon_toml: str = ""
+    log_level: str = "INFO"
     daemons: list[DaemonProcess] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     _collector: threading.Thread | None = None
@@ -148,7 +149,7 @@ class KafkaCluster:
         else:
             process = DaemonProcess(name, config, home / "ledger.sqlite", port, home / "daemon.log")
             self.daemons.append(process)
-        return process.start(env)
+        return process.start(env, self.log_level)
 
     def wait_members(self, count: int, timeout: float = 40.0) -> None:
         """Until ``count`` running daemons have arrival partitions and report healthy."""

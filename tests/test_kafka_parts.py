@@ -347,3 +347,43 @@ def test_sink_buffers_through_a_broker_restart(broker, tmp_path):
         assert [(k, e["path"]) for k, e in got] == [(b"z", f"/p/z{i}_cal.fits") for i in range(3)]
     finally:
         sink.close(timeout=2)
+
+
+@needs_broker
+def test_source_keeps_fetching_through_many_pauses(broker, tmp_path):
+    """One arrival in flight at a time over two partitions: every pause/resume cycle lets the
+    remaining messages through, in order, and everything ends committed."""
+    from calstream.daemon.kafka_source import KafkaSource
+
+    settings = quick_settings(broker, "pauses", max_poll_records=4)
+    broker.create_topics({settings.topics.arrivals: 2})
+    paths = make_inputs(tmp_path / "in", 16)
+    produce(broker, settings.topics.arrivals, [{"path": str(p)} for p in paths[0::2]], partition=0)
+    produce(broker, settings.topics.arrivals, [{"path": str(p)} for p in paths[1::2]], partition=1)
+    daemon = StandInDaemon()
+    source = KafkaSource(settings, has_capacity=daemon.has_capacity, publish_error=print, max_in_flight=1)
+    stop = threading.Event()
+
+    def ack_one_by_one():
+        acked = 0
+        while not stop.is_set():
+            time.sleep(0.05)
+            with daemon.lock:
+                ready = daemon.arrivals[acked:acked + 1]
+            for arrival in ready:
+                arrival.ack("done")
+                acked += 1
+
+    acker = threading.Thread(target=ack_one_by_one, daemon=True)
+    acker.start()
+    source.start(daemon.submit)
+    try:
+        assert wait_for(lambda: len(daemon.arrivals) == len(paths), timeout=60), \
+            f"stalled after {len(daemon.arrivals)} of {len(paths)}"
+        assert sorted(daemon.paths()) == sorted(p.name for p in paths)
+        assert [a.path for a in daemon.arrivals if a.path in paths[0::2]] == paths[0::2]   # partition order
+        assert wait_for(lambda: committed(broker, settings, settings.topics.arrivals, 0) == 8
+                        and committed(broker, settings, settings.topics.arrivals, 1) == 8, timeout=10)
+    finally:
+        stop.set()
+        source.kill()
