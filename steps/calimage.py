@@ -133,8 +133,12 @@ def _opt_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def read_cal_arrays(path: str | Path, shape: tuple[int, int] | None = None) -> ImageArrays:
-    """SCI/ERR/VAR_* as native float32 and DQ as uint32, (ny, nx); VAR_FLAT None when absent."""
+def read_cal_arrays(path: str | Path, shape: tuple[int, int] | None = None, *, err: bool = True) -> ImageArrays:
+    """SCI/ERR/VAR_* as native float32 and DQ as uint32, (ny, nx); VAR_FLAT None when absent.
+
+    ``err=False`` leaves ERR unread (None), for passes that do not use it. Each extension's file
+    copy is dropped as soon as it is converted, so reading costs one image beyond the result.
+    """
     path = Path(path)
     try:
         with fits.open(path, memmap=False) as hdul:
@@ -144,9 +148,10 @@ def read_cal_arrays(path: str | Path, shape: tuple[int, int] | None = None) -> I
                     raise InputError(path, f"no {ext} extension")
             arrays = {}
             for ext in ARRAY_EXTENSIONS:
-                if ext in names:
+                if ext in names and (err or ext != "ERR"):
                     dtype = np.uint32 if ext == "DQ" else np.float32
                     arrays[ext] = np.ascontiguousarray(hdul[ext].data, dtype=dtype)
+                    del hdul[ext].data
     except InputError:
         raise
     except (OSError, ValueError, TypeError) as exc:
@@ -158,7 +163,7 @@ def read_cal_arrays(path: str | Path, shape: tuple[int, int] | None = None) -> I
     zeros = None
     if "VAR_POISSON" not in arrays or "VAR_RNOISE" not in arrays:
         zeros = np.full(arrays["SCI"].shape, np.nan, np.float32)
-    return ImageArrays(arrays["SCI"], arrays["ERR"], arrays["DQ"], arrays.get("VAR_POISSON", zeros),
+    return ImageArrays(arrays["SCI"], arrays.get("ERR"), arrays["DQ"], arrays.get("VAR_POISSON", zeros),
                        arrays.get("VAR_RNOISE", zeros), arrays.get("VAR_FLAT"))
 
 

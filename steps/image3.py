@@ -33,7 +33,7 @@ from .image2 import ImageArrays, flag_invalid, s_region
 from .parameters import IMAGE3
 from .planning import resolve_parameters
 from .products import software_version
-from .resample import Mosaic, OutputGrid, PixmapCache, blot
+from .resample import Mosaic, OutputGrid, PixmapCache, ResampleInput, blot
 from .resample_step import UNSUPPORTED as RESAMPLE_UNSUPPORTED
 from .resample_step import grid_from_parameters, resample_all, write_i2d
 from .skymatch import SkyStats, bounding_polygon, measure_image, read_skylist, sky_mask, solve_sky
@@ -66,15 +66,17 @@ class Member:
     tweak: dict[str, Any] = field(default_factory=dict)
     n_outliers: int = 0
 
-    def arrays(self) -> ImageArrays:
-        """This exposure's arrays as the pipeline currently sees them (sky applied, NaNs matched)."""
-        arrays = read_cal_arrays(self.source, self.info.shape)
+    def arrays(self, err: bool = True) -> ImageArrays:
+        """This exposure's arrays as the pipeline currently sees them (sky applied, NaNs matched);
+        ``err=False`` skips ERR (drizzling does not use it)."""
+        arrays = read_cal_arrays(self.source, self.info.shape, err=err)
         if self.subtract_pending and self.sky_level is not None:
             arrays.sci -= self.sky_level
         flag_invalid(arrays)
         return arrays
 
-    def resample_input(self, arrays: ImageArrays):
+    def resample_input(self, arrays: ImageArrays) -> ResampleInput:
+        """The arrays with this member's current WCS and sky level, ready to drizzle."""
         image = resample_input(self.info, arrays, self.wcs)
         image.sky_level, image.sky_subtracted = self.sky_level, self.sky_subtracted
         return image
@@ -88,7 +90,8 @@ def open_members(asn: Association) -> list[Member]:
     if not science:
         raise InputError(where, "association has no science members")
     members: list[Member] = []
-    for path in (Path(asn.path.parent if asn.path else ".") / m.expname for m in science):
+    paths = [p for p, m in zip(asn.member_paths(), asn.members) if m in science]
+    for path in paths:
         if not path.is_file():
             raise InputError(path, f"association member does not exist (listed in {where})")
         info = read_cal_info(path)
@@ -258,7 +261,7 @@ def _match_sky(members: Sequence[Member], p: Mapping[str, Any]) -> tuple[list[fl
         for j, poly in enumerate(polygons):
             if groups[j] != groups[i]:
                 others.setdefault(groups[j], []).append(poly)
-        arrays = m.arrays()
+        arrays = m.arrays(err=False)
         good = sky_mask(arrays.sci, arrays.dq, p["dqbits"])
         measurements.append(measure_image(arrays.sci, good, m.wcs, others, stats,
                                           whole_image=p["skymethod"] != "match"))
@@ -294,7 +297,7 @@ def run_outlier_detection(members: Sequence[Member], p: Mapping[str, Any], outpu
 
     with od.MedianStack(len(groups), grid.shape, directory=output_dir) as stack:
         for gi, indices in enumerate(groups):
-            images = ((members[i].resample_input(members[i].arrays()), pixmap(i)) for i in indices)
+            images = ((members[i].resample_input(members[i].arrays(err=False)), pixmap(i)) for i in indices)
             sci, wht = od.single_drizzle(images, grid, n_inputs=len(indices), pixfrac=p["pixfrac"],
                                          kernel=p["kernel"], fillval=p["fillval"], weight_type=p["weight_type"],
                                          good_bits=p["good_bits"])
@@ -331,7 +334,7 @@ def crf_name(member_name: str, asn_id: str) -> str:
 def run_resample(members: Sequence[Member], p: Mapping[str, Any], pixmaps: PixmapCache) -> Mosaic:
     """Drizzle every member onto the output grid, one exposure in memory at a time."""
     grid = grid_for(members, p)
-    images = ((m.resample_input(m.arrays()), pixmaps.get(str(i), m.wcs, grid, m.info.shape))
+    images = ((m.resample_input(m.arrays(err=False)), pixmaps.get(str(i), m.wcs, grid, m.info.shape))
               for i, m in enumerate(members))
     return resample_all(images, grid, len(members), p)
 
