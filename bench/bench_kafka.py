@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from kafka_broker import TansuBroker, tansu_binary  # noqa: E402
-from kafka_cluster import KafkaCluster, wait_for  # noqa: E402
+from kafka_broker import TansuBroker, tansu_binary, wait_for  # noqa: E402
+from kafka_cluster import KafkaCluster  # noqa: E402
 
 N_WARMUP = 2
 N_LATENCY = 5

@@ -40,6 +40,16 @@ def tansu_binary() -> Path | None:
     return None
 
 
+def wait_for(predicate, timeout: float = 30.0, step: float = 0.05) -> bool:
+    """Call ``predicate()`` every ``step`` s until it is true (True) or ``timeout`` s passed (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from kafka_broker import TansuBroker, free_port
+from kafka_broker import TansuBroker, free_port, wait_for
 
 CALSTREAM = [sys.executable, "-m", "calstream.daemon.cli"]
 TOPIC_ROLES = ("arrivals", "contexts", "products", "errors", "associations")
@@ -247,12 +247,3 @@ class KafkaCluster:
                     daemon.kill()
         if self._collector is not None:
             self._collector.join(timeout=5)
-
-
-def wait_for(predicate, timeout: float = 30.0, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False

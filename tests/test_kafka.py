@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from kafka_broker import TansuBroker, tansu_binary
-from kafka_cluster import KafkaCluster, wait_for
+from kafka_broker import TansuBroker, tansu_binary, wait_for
+from kafka_cluster import KafkaCluster
 
 pytestmark = [
     pytest.mark.slow,
@@ -144,8 +144,14 @@ def test_daemon_killed_mid_job_loses_and_duplicates_nothing(cluster, observation
     victim.kill()
     assert interrupted
 
+    def state() -> str:
+        seen = {e["exposure"] for e in cluster.products_of("cal")}
+        jobs = {d.name: d.query("SELECT e.stem, j.stage, j.state FROM jobs j JOIN exposures e ON e.id = j.subject_id")
+                for d in (victim, survivor)}
+        return f"killed {victim.name}; no cal event for {sorted({stem(p) for p in uncals} - seen)}; jobs {jobs}"
+
     assert wait_for(lambda: {e["exposure"] for e in cluster.products_of("cal")} >= {stem(p) for p in uncals},
-                    timeout=120), "an exposure was lost"
+                    timeout=120), f"an exposure was lost: {state()}"
     time.sleep(1.0)
     ran = local_image2_done(victim) + local_image2_done(survivor)
     assert ran == Counter({stem(p): 1 for p in uncals}), ran                  # each calibrated once

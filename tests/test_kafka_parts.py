@@ -15,7 +15,7 @@ from calstream.daemon.kafka_messages import MessageError, event_key, file_stem, 
 from calstream.daemon.kafka_offsets import OffsetTracker
 from calstream.daemon.kafka_settings import KafkaSettings, KafkaTopics, kafka_settings
 
-from kafka_broker import TansuBroker, tansu_binary
+from kafka_broker import TansuBroker, tansu_binary, wait_for
 
 # ---------------------------------------------------------------------------------------------
 # settings
@@ -203,15 +203,6 @@ class StandInDaemon:
     def paths(self):
         with self.lock:
             return [a.path.name for a in self.arrivals]
-
-
-def wait_for(predicate, timeout=20.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def produce(broker, topic, values, key=None, partition=None):
