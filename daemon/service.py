@@ -53,7 +53,7 @@ log = structlog.get_logger("calstream.daemon")
 
 #: config section -> "module:function"; the function is called with the Daemon before it starts
 #: when the section is present in the config file (Kafka, CRDS watching, ... register here).
-COMPONENTS: dict[str, str] = {}
+COMPONENTS: dict[str, str] = {"kafka": "calstream.daemon.kafka_wiring:attach_kafka"}
 
 TICK_SECONDS = 0.25
 SLOW_TICK_SECONDS = 1.0
@@ -82,6 +82,8 @@ class Daemon:
         self._sinks: list[Sink] = [LogSink()]
         self._context_listeners: list[ContextListener] = []
         self._pre_dispatch: list[PreDispatch] = []
+        #: optional stage-3 gate handed to the scheduler (Kafka scale-out: association ownership)
+        self.stage3_gate: Callable[[Any], bool] | None = None
         self._request_handlers: dict[str, Callable[[str | None], str]] = {
             "force": lambda asn_id: self.force(str(asn_id)), "context": self._context_request}
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -200,6 +202,7 @@ class Daemon:
         log.info("ledger open", ledger=str(cfg.ledger), requeued_jobs=requeued, partial_files_removed=removed)
         self.scheduler = Scheduler(self.ledger, workers=cfg.workers, memory_budget=cfg.memory_budget,
                                    stuck_after=cfg.stuck_after)
+        self.scheduler.stage3_gate = self.stage3_gate
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
         self.pool = WorkerPool(cfg.workers, lambda m: self._events.put(("worker", m)),
