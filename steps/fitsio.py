@@ -220,7 +220,10 @@ def atomic_output(path: str | Path, fsync: bool = True) -> Iterator[str]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)   # mkstemp makes 0600; products are as readable as open() makes them
+    finally:
+        os.close(fd)
     try:
         yield tmp
         if fsync:
@@ -233,6 +236,23 @@ def atomic_output(path: str | Path, fsync: bool = True) -> Iterator[str]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _process_umask() -> int:
+    """This process's umask (read once: setting it to query it is not thread-safe later)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
 
 
 def _fsync_dir(folder: Path) -> None:

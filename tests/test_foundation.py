@@ -110,6 +110,14 @@ def test_write_hdulist_is_byte_identical_to_astropy(tmp_path: Path, dtype: type)
     assert np.array_equal(fits.getdata(tmp_path / "ours.fits", "SCI"), array)
 
 
+def test_atomic_output_files_are_as_readable_as_plain_ones(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    with atomic_output(tmp_path / "product.fits") as tmp:
+        Path(tmp).write_text("x")
+    assert (tmp_path / "product.fits").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
 def test_exposure_requires_keywords_and_shapes() -> None:
     exp = exposure_from_header(_header(), "x", (1, 4, 64, 64))
     assert (exp.ngroups, exp.subsize1, exp.frmdivsr) == (4, 64, 1)
