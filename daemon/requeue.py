@@ -262,6 +262,11 @@ class Requeue:
             return
         found = [affected_from_json(a) for a in result["affected"]]
         busy = set(result["busy"])
+        if origin == "restart" and not (found or busy or self.deferred):
+            self.ledger.set_meta(SETTLED_KEY, context)    # every product already matches: no campaign
+            log.info("context check after restart: nothing to re-process", context=context,
+                     checked=result.get("exposures"))
+            return
         extend = ids is not None or origin == "restart"      # add to the campaign under way
         with self.ledger.transaction():
             info = self._campaign(context, origin, previous, found, extend)

@@ -451,7 +451,7 @@ def test_switch_waits_for_the_operator(data, records, tmp_path, mode):
     try:
         if mode == "pinned":
             daemon.on_context_change(CTX[0], "config")        # what Daemon._start does for a pin
-        daemon.pump(lambda: policy._started)
+        daemon.pump(lambda: policy._started and policy._planning is None)   # start-up check done
         busy = sorted(expected(data, "gain"))[0]
         busy_id = next(r.exposure_id for r in records if r.stem == busy)
         job = ledger.enqueue(JobSpec.exposure(busy_id, "image2"), lane="live")   # in flight at the switch
