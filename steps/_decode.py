@@ -25,8 +25,9 @@ def be_u16_offset_to_f32(raw: np.ndarray, out: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def be_u32_to_u32(raw: np.ndarray, out: np.ndarray) -> None:
-    """Byte-swap 32-bit words (big-endian float32 or int32 bit patterns) into native order."""
+def be_u32_to_u32(raw: np.ndarray, out: np.ndarray, flip: np.uint32) -> None:
+    """Byte-swap 32-bit words into native order, then XOR ``flip``: 0 for float32/int32 bit
+    patterns, 2**31 for unsigned 32-bit stored as int32 with BZERO=2**31."""
     for p in range(raw.shape[0]):
         for r in range(raw.shape[1]):
             src = raw[p, r]
@@ -34,20 +35,7 @@ def be_u32_to_u32(raw: np.ndarray, out: np.ndarray) -> None:
             for c in range(src.size):
                 v = src[c]
                 dst[c] = (((v >> 24) & 0xFF) | ((v >> 8) & 0xFF00) | ((v << 8) & 0xFF0000)
-                          | ((v << 24) & 0xFF000000))
-
-
-@numba.njit(cache=True, nogil=True)
-def be_u32_offset_to_u32(raw: np.ndarray, out: np.ndarray) -> None:
-    """BITPIX=32 with BZERO=2**31 (unsigned 32-bit stored as big-endian int32) -> native uint32."""
-    for p in range(raw.shape[0]):
-        for r in range(raw.shape[1]):
-            src = raw[p, r]
-            dst = out[p, r]
-            for c in range(src.size):
-                v = src[c]
-                dst[c] = (((v >> 24) & 0xFF) | ((v >> 8) & 0xFF00) | ((v << 8) & 0xFF0000)
-                          | ((v << 24) & 0xFF000000)) ^ 0x80000000
+                          | ((v << 24) & 0xFF000000)) ^ flip
 
 
 @numba.njit(cache=True, nogil=True)

@@ -195,11 +195,11 @@ def _decode_fast(raw: np.ndarray, bzero: float, bscale: float, out: np.ndarray) 
         _decode.be_u16_offset_to_f32(raw.view(np.uint16), out)
         return True
     if raw.dtype == np.dtype(">i4") and bzero == 2 ** 31 and out.dtype == np.uint32:
-        _decode.be_u32_offset_to_u32(raw.view(np.uint32), out)
+        _decode.be_u32_to_u32(raw.view(np.uint32), out, np.uint32(1 << 31))
         return True
     if raw.dtype.itemsize == 4 and bzero == 0 and raw.dtype.kind in "fi" and out.dtype.itemsize == 4 \
             and (out.dtype.kind == raw.dtype.kind or (raw.dtype.kind == "i" and out.dtype == np.uint32)):
-        _decode.be_u32_to_u32(raw.view(np.uint32), out.view(np.uint32))
+        _decode.be_u32_to_u32(raw.view(np.uint32), out.view(np.uint32), np.uint32(0))
         return True
     return False
 
