@@ -9,6 +9,7 @@ temporary name and renamed into place.
 
 from __future__ import annotations
 
+import gc
 import io
 import warnings
 from dataclasses import dataclass
@@ -215,6 +216,8 @@ def write_image_like(source: str | Path, out: str | Path, arrays: ImageArrays,
         return save_model(model, out)
     finally:
         model.close()
+        del model
+        gc.collect()    # the model's arrays sit in reference cycles (asdf tree): free them now
 
 
 __all__ = ["CalInfo", "group_id_of", "read_asdf_meta", "read_cal_arrays", "read_cal_info", "resample_input",

@@ -16,6 +16,7 @@ the other pipelines (defaults < CRDS ``pars-*`` (optional) < parameter file < co
 from __future__ import annotations
 
 import functools
+import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -502,9 +503,10 @@ def run_image3(asn: Association, members: Sequence[Member], plan: Image3Plan, ou
 def release_free_memory() -> None:
     """Give the C heap's free pages back to the system (glibc ``malloc_trim``; no-op elsewhere).
 
-    Each step frees hundreds of MB of image-sized arrays; glibc keeps much of it in the heap
-    (its mmap threshold grows with large frees), so without this the next step's peak stacks on
-    memory nobody uses."""
+    Each step frees hundreds of MB of image-sized arrays (datamodels only once the cycle collector
+    runs); glibc keeps much of it in the heap (its mmap threshold grows with large frees), so
+    without this the next step's peak stacks on memory nobody uses."""
+    gc.collect()          # datamodels keep their arrays in reference cycles
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -92,7 +92,7 @@ class MedianStack:
         if n < 1:
             raise ValueError("a median needs at least one image")
         self.n, self.shape, self.block_bytes = n, (int(shape[0]), int(shape[1])), block_bytes
-        self._file = tempfile.TemporaryFile(prefix="calstream-median-", dir=directory)
+        self._file = tempfile.TemporaryFile(prefix=".calstream-median-", dir=directory)
         self._image_bytes = self.shape[0] * self.shape[1] * 4
 
     def __enter__(self) -> "MedianStack":

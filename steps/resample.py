@@ -384,7 +384,7 @@ class PixmapCache:
 
     def __init__(self, directory: str | Path | None = None,
                  chunk_pixels: int = PIXMAP_CHUNK_PIXELS) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="calstream-pixmaps-", dir=directory)
+        self._tmp = tempfile.TemporaryDirectory(prefix=".calstream-pixmaps-", dir=directory)
         self._files: dict[tuple[str, int], Path] = {}
         self.chunk_pixels = chunk_pixels
         self.computed = 0
