@@ -1,9 +1,10 @@
-"""calwebb_image2 + calwebb_image3: calstream beside jwst on the same four dithered exposures.
+"""calwebb_image2 + calwebb_image3: calstream beside jwst on the same dithered exposures (4 by default).
 
-Usage: python bench/bench_image3.py [--subarray FULL] [--workdir bench-output] [--no-jwst]
+Usage: python bench/bench_image3.py [--subarray FULL] [--exposures 4] [--workdir bench-output] [--no-jwst]
 
-The field (synth.field: 4 dithered NRCA1 exposures with stars, galaxies and cosmic rays) is
-generated and run through calwebb_detector1 once, cached under ``<workdir>/image3_<subarray>/``.
+The field (synth.field: dithered NRCA1 exposures with stars, galaxies and cosmic rays) is
+generated and run through calwebb_detector1 once, cached under ``<workdir>/image3_<subarray>/``
+(``image3_<subarray>_<n>x/`` for another number of exposures).
 Everything measured runs single-core (taskset to CPU 0, one thread) in its own subprocess, which
 reports its wall time and CPU time (imports excluded) and peak RSS (VmHWM):
 
@@ -30,9 +31,13 @@ from bench_detector1 import _subprocess, peak_rss_mb
 CONTEXT = "jwst_0002.pmap"
 
 
-def generate(workdir: Path, subarray: str) -> dict[str, str]:
+def case_folder(workdir: Path, subarray: str, exposures: int) -> Path:
+    return workdir / (f"image3_{subarray.lower()}" + ("" if exposures == 4 else f"_{exposures}x"))
+
+
+def generate(workdir: Path, subarray: str, exposures: int = 4) -> dict[str, str]:
     """The field's rate files and CRDS cache (generated and run through detector1 once)."""
-    root = workdir / f"image3_{subarray.lower()}"
+    root = case_folder(workdir, subarray, exposures)
     marker = root / "rates.json"
     if marker.exists():
         return json.loads(marker.read_text())
@@ -42,7 +47,7 @@ def generate(workdir: Path, subarray: str) -> dict[str, str]:
     from calstream.steps.detector1 import calibrate_file
     from calstream.steps.synth.field import generate_field
 
-    field = generate_field(root / "data", crds_root, subarray=subarray, seed=7)
+    field = generate_field(root / "data", crds_root, subarray=subarray, seed=7, n_exposures=exposures)
     rates = [str(calibrate_file(u, root / "data", context=field.context, fsync=False).products["rate"])
              for u in field.uncal_paths]
     info = {"crds_root": str(crds_root), "context": field.context, "rates": rates, "root": str(root),
@@ -142,11 +147,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subarray", default="FULL")
     parser.add_argument("--workdir", default="bench-output")
+    parser.add_argument("--exposures", type=int, default=4, help="dithered exposures (default 4)")
     parser.add_argument("--no-jwst", action="store_true")
     args = parser.parse_args()
     workdir = Path(args.workdir).resolve()
-    info = generate(workdir, args.subarray.upper())
-    run = workdir / f"image3_{args.subarray.lower()}" / f"run_{time.strftime('%Y%m%d_%H%M%S')}"
+    info = generate(workdir, args.subarray.upper(), args.exposures)
+    run = case_folder(workdir, args.subarray, args.exposures) / f"run_{time.strftime('%Y%m%d_%H%M%S')}"
     base = {"crds_root": info["crds_root"], "context": info["context"], "rates": info["rates"]}
     results: dict[str, dict] = {}
     results["ours_image2"] = measure("ours_image2", {**base, "out": str(run / "cal")})
@@ -165,7 +171,7 @@ def main() -> None:
             except RuntimeError as exc:     # report what runs; say what did not
                 results[kind] = {"error": str(exc)[-500:]}
     (run / "bench_image3.json").write_text(json.dumps(results, indent=1))
-    _print(args.subarray.upper(), results)
+    _print(args.subarray.upper(), args.exposures, results)
 
 
 def _row(label: str, ours: float | None, theirs: float | None) -> None:
@@ -174,14 +180,14 @@ def _row(label: str, ours: float | None, theirs: float | None) -> None:
     print(f"  {label:40s} {fmt(ours)} {fmt(theirs)} {ratio:9.1f}x")
 
 
-def _print(subarray: str, r: dict) -> None:
+def _print(subarray: str, exposures: int, r: dict) -> None:
     ours2, ours3 = r["ours_image2"], r["ours_image3"]
     steps = ours3.get("steps", {})
     get = lambda k, f: r.get(k, {}).get(f)  # noqa: E731
-    print(f"\ncalwebb_image2 + calwebb_image3, 4 x {subarray} NRCA1 exposures, single core")
+    print(f"\ncalwebb_image2 + calwebb_image3, {exposures} x {subarray} NRCA1 exposures, single core")
     print(f"  {'measure':40s} {'calstream':>10s} {'jwst':>10s} {'jwst/ours':>10s}")
-    _row("image2, 4 exposures [s]", ours2["seconds"], get("jwst_image2", "seconds"))
-    _row("image2, 4 exposures, CPU [s]", ours2.get("cpu_s"), get("jwst_image2", "cpu_s"))
+    _row(f"image2, {exposures} exposures [s]", ours2["seconds"], get("jwst_image2", "seconds"))
+    _row(f"image2, {exposures} exposures, CPU [s]", ours2.get("cpu_s"), get("jwst_image2", "cpu_s"))
     _row("image2 peak RSS [MB]", ours2["maxrss_mb"], get("jwst_image2", "maxrss_mb"))
     _row("image3 without source_catalog [s]", ours3["seconds"] - steps.get("source_catalog", 0.0),
          get("jwst_image3", "seconds"))
