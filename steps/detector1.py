@@ -622,17 +622,16 @@ def _write_products(source: RampSource, plan: Detector1Plan, uris: dict[str, str
                                      exp.header, provenance, sci, pdq, gdq, fsync=fsync,
                                      average_dark_current=runner.average_dark)
     if result is not None:
-        encoded: dict = {}   # rate and a one-integration rateints share their arrays: encode once
         if plan.runs("gain_scale"):
             timer.run("gain_scale", _gain_scale, runner, result, float(exp.gainfact or 1.0))
         products["rate"] = timer.run("write", write_rate, product_path(output_dir, name, "rate"), exp.header,
                                      provenance, result.rate, result.rate_dq, result.rate_var_poisson,
                                      result.rate_var_rnoise, result.rate_err, fsync=fsync,
-                                     sci_cards=source.sci_cards, encoded=encoded)
+                                     sci_cards=source.sci_cards)
         products["rateints"] = timer.run("write", write_rate, product_path(output_dir, name, "rateints"),
                                          exp.header, provenance, result.ints_rate, result.ints_dq,
                                          result.ints_var_poisson, result.ints_var_rnoise, result.ints_err,
-                                         fsync=fsync, sci_cards=source.sci_cards, encoded=encoded)
+                                         fsync=fsync, sci_cards=source.sci_cards)
     return products
 
 

@@ -158,7 +158,21 @@ class RowReader:
         if out is None:
             out = np.empty(lead + (y1 - y0, x1 - x0), dtype=dtype)
         decode_into(raw, lay.bzero, lay.bscale, out.reshape(raw.shape))
+        self._release(planes, y0, y1)
         return out
+
+    def _release(self, planes: int, y0: int, y1: int) -> None:
+        """Unmap the pages just decoded: they stay in the page cache, but not in this process's
+        resident set (a mapped file would otherwise count whole in the RSS)."""
+        if self._map is None or y1 <= y0:
+            return
+        lay = self.layout
+        ny, nx = lay.shape[-2:]
+        row_bytes = nx * lay.disk_dtype.itemsize
+        for p in range(planes):
+            start = lay.offset + (p * ny + y0) * row_bytes
+            aligned = start - start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, aligned, start - aligned + (y1 - y0) * row_bytes)
 
 
 #: below this many values the numpy path is as fast as the compiled one
@@ -263,36 +277,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_hdulist(hdul: fits.HDUList, path: str | Path, fsync: bool = True,
-                  encoded: dict[tuple[int, int, str], np.ndarray] | None = None) -> None:
+def write_hdulist(hdul: fits.HDUList, path: str | Path, fsync: bool = True) -> None:
     """Write ``hdul`` to ``path`` atomically (temp file + rename), byte-identical to astropy's writeto.
 
-    Image data are encoded once (big-endian, BZERO-offset unsigned integers) and written straight
-    from the encoded buffers; ``encoded`` caches them across calls, so products that share arrays
-    (a rate and its one-integration rateints) encode them once.
+    Image data are encoded (big-endian, BZERO-offset unsigned integers) and written a block at a
+    time, so writing costs one small buffer, not a big-endian copy of every array.
     """
     hdul.verify("silentfix")
-    cache = {} if encoded is None else encoded
     with atomic_output(path, fsync=fsync) as tmp, open(tmp, "wb") as fh:
         for hdu in hdul:
             fh.write(hdu.header.tostring().encode("ascii"))
             if hdu.data is None:
                 continue
-            data = _encoded(hdu.data, cache)
-            fh.write(memoryview(data).cast("B"))
-            fh.write(bytes(-data.nbytes % FITS_BLOCK))
+            flat = np.ascontiguousarray(hdu.data).reshape(-1)
+            for start in range(0, flat.size, WRITE_BLOCK_VALUES):
+                fh.write(memoryview(encode_fits_data(flat[start:start + WRITE_BLOCK_VALUES])).cast("B"))
+            fh.write(bytes(-flat.nbytes % FITS_BLOCK))
 
 
 FITS_BLOCK = 2880
+#: values encoded and written at a time (4 MB of float32)
+WRITE_BLOCK_VALUES = 1 << 20
 _UNSIGNED_OFFSET = {np.dtype(np.uint16): np.uint16(1 << 15), np.dtype(np.uint32): np.uint32(1 << 31),
                     np.dtype(np.uint64): np.uint64(1 << 63)}
-
-
-def _encoded(array: np.ndarray, cache: dict[tuple[int, int, str], np.ndarray]) -> np.ndarray:
-    key = (array.__array_interface__["data"][0], array.nbytes, array.dtype.str)
-    if key not in cache:
-        cache[key] = encode_fits_data(array)
-    return cache[key]
 
 
 def encode_fits_data(array: np.ndarray) -> np.ndarray:

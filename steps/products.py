@@ -123,12 +123,10 @@ KNOWN_SUFFIXES = frozenset({
 
 def write_rate(path: str | Path, source_header: fits.Header, provenance: Provenance, sci: np.ndarray,
                dq: np.ndarray, var_poisson: np.ndarray, var_rnoise: np.ndarray, err: np.ndarray,
-               fsync: bool = True, sci_cards: fits.Header | None = None,
-               encoded: dict | None = None) -> Path:
+               fsync: bool = True, sci_cards: fits.Header | None = None) -> Path:
     """A rate (2-D: ImageModel) or rateints (3-D: CubeModel) product, SCI in DN/s.
 
-    ``sci_cards`` (see :func:`carried_sci_cards`) go into the SCI header (pointing / WCS).
-    ``encoded``: a dict shared by calls writing the same arrays (see ``fitsio.write_hdulist``)."""
+    ``sci_cards`` (see :func:`carried_sci_cards`) go into the SCI header (pointing / WCS)."""
     path = Path(path)
     model = "ImageModel" if sci.ndim == 2 else "CubeModel"
     science = _science_header(source_header, "DN/s")
@@ -143,7 +141,7 @@ def write_rate(path: str | Path, source_header: fits.Header, provenance: Provena
         _image("VAR_POISSON", _f32(var_poisson), fits.Header([("BUNIT", "(DN/s)^2")])),
         _image("VAR_RNOISE", _f32(var_rnoise), fits.Header([("BUNIT", "(DN/s)^2")])),
     ])
-    write_hdulist(hdul, path, fsync=fsync, encoded=encoded)
+    write_hdulist(hdul, path, fsync=fsync)
     return path
 
 
