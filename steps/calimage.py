@@ -20,6 +20,7 @@ import numpy as np
 from astropy.io import fits
 
 from .errors import InputError
+from .products import save_model
 from .image2 import ImageArrays
 from .resample import ExposureTimes, ResampleInput, WcsReference
 
@@ -173,29 +174,6 @@ def resample_input(info: CalInfo, arrays: ImageArrays, wcs: Any = None) -> Resam
     return ResampleInput(arrays.sci, arrays.dq, info.wcs if wcs is None else wcs, info.times, info.group_id,
                          arrays.var_rnoise, arrays.var_poisson, arrays.var_flat, info.sky_level,
                          bool(info.sky_subtracted), info.name)
-
-
-def save_model(model: Any, out: Path) -> Path:
-    """Save a stdatamodels model as ``out`` atomically.
-
-    The file is written under its final name inside a temporary folder next to ``out`` (so
-    stdatamodels records the right FILENAME) and renamed into place.
-    """
-    import shutil  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", dir=out.parent))
-    try:
-        tmp = tmpdir / out.name
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model.save(str(tmp))
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return out
 
 
 def write_image_like(source: str | Path, out: str | Path, arrays: ImageArrays,

@@ -30,7 +30,7 @@ from .errors import InputError, ReferenceFileError, StepNotImplementedError
 from .exposure import crds_parameters
 from .parameters import IMAGE2, NOT_IMPLEMENTED, StepSpec
 from .planning import resolve_parameters, select_step_references
-from .products import product_path
+from .products import product_path, save_model
 
 log = structlog.get_logger("calstream.steps.image2")
 
@@ -584,11 +584,7 @@ def _write_cal(source: RateSource, plan: Image2Plan, out: Path, arrays: ImageArr
         meta.filename = out.name
         meta.calibration_software_name = "calstream"
         meta.calibration_software_version = software_version()
-        tmp = out.with_name(f".{out.stem}.tmp.fits")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model.save(str(tmp))
-        tmp.replace(out)
+        save_model(model, out)
     finally:
         model.close()
 

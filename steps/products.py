@@ -8,10 +8,11 @@ SCI/ERR/VAR_*, uint32 DQ/PIXELDQ, uint8 GROUPDQ.
 from __future__ import annotations
 
 import datetime as _dt
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from astropy.io import fits
@@ -176,3 +177,26 @@ def _f32(array: np.ndarray) -> np.ndarray:
 def step_status_keywords(statuses: Mapping[str, str], keywords: Mapping[str, str]) -> dict[str, str]:
     """``{step: status}`` -> ``{S_<STEP>: status}`` using each step's keyword."""
     return {keywords[name]: status for name, status in statuses.items() if name in keywords}
+
+
+def save_model(model: Any, out: str | Path) -> Path:
+    """Save a stdatamodels model as ``out`` atomically.
+
+    The file is written under its final name inside a temporary folder next to ``out`` (so
+    stdatamodels records the right FILENAME) and renamed into place.
+    """
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", dir=out.parent))
+    try:
+        tmp = tmpdir / out.name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save(str(tmp))
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return out

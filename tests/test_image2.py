@@ -186,6 +186,7 @@ def test_cli_calwebb_image2_writes_a_valid_cal(rate_file: Path, tmp_path: Path, 
         assert np.isnan(model.data[(rate_dq & DNU) != 0]).all()
         assert np.isfinite(model.data).mean() > 0.99
     header = fits.getheader(cal)
+    assert header["FILENAME"] == cal.name
     assert header["S_WCS"] == header["S_FLAT"] == header["S_PHOTOM"] == "COMPLETE"
     assert header["S_RESAMP"] == header["S_BKDSUB"] == "SKIPPED"
     assert header["R_FLAT"].startswith("crds://jwst_nircam_flat_")
