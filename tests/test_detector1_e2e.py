@@ -213,4 +213,9 @@ def test_cli_as_a_process(sub160_uncal: Path, crds_cache, tmp_path: Path) -> Non
                              str(sub160_uncal), "--output-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert "rate" in result.stdout and _product(tmp_path, "rate").exists()
+    assert "rate" in result.stdout and _product(tmp_path, "rate").exists()   # flushed before the fast exit
+    bad = tmp_path / "jw01234001001_02101_00009_nrca1_uncal.fits"
+    bad.write_bytes(b"not a FITS file")
+    failed = subprocess.run([exe, "run", "calwebb_detector1", str(bad), "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert failed.returncode == EXIT_INPUT and "bad input" in failed.stderr and bad.name in failed.stderr
