@@ -105,9 +105,12 @@ DETECTOR1_NIR: tuple[StepSpec, ...] = (
     StepSpec("gain_scale", "GainScaleStep", "S_GANSCL", ("gain",)),
 )
 
-#: jwst 3.0 ResampleStep spec (calwebb_image2 and calwebb_image3)
+#: calstream's weighting default for resample and outlier_detection (jwst's is "ivm"): inverse
+#: VAR_RNOISE smoothed by a running median (:func:`calstream.steps.resample.drizzle_weight`)
+DEFAULT_WEIGHT_TYPE = "ivm-smed"
+#: jwst 3.0 ResampleStep spec (calwebb_image2 and calwebb_image3), weight_type aside
 RESAMPLE_DEFAULTS: dict[str, Any] = {
-    "pixfrac": 1.0, "kernel": "square", "fillval": "NAN", "weight_type": "ivm", "output_shape": None, "crpix": None,
+    "pixfrac": 1.0, "kernel": "square", "fillval": "NAN", "weight_type": DEFAULT_WEIGHT_TYPE, "output_shape": None, "crpix": None,
     "crval": None, "rotation": None, "pixel_scale_ratio": 1.0, "pixel_scale": None, "output_wcs": "", "single": False,
     "blendheaders": True, "in_memory": True, "enable_ctx": True, "enable_err": True, "report_var": True,
     "propagate_dq": False, "pixmap_stepsize": 1.0, "pixmap_order": 1}
@@ -129,7 +132,7 @@ IMAGE2: tuple[StepSpec, ...] = (
     StepSpec("resample", "ResampleStep", "S_RESAMP", (), RESAMPLE_DEFAULTS, skip_by_default=True),
 )
 
-#: calwebb_image3 (Image3Pipeline) for imaging, jwst 3.0 step specs
+#: calwebb_image3 (Image3Pipeline) for imaging, jwst 3.0 step specs (weight_type aside)
 IMAGE3: tuple[StepSpec, ...] = (
     StepSpec("assign_mtwcs", "AssignMTWcsStep", "S_MTWCS"),
     StepSpec("tweakreg", "TweakRegStep", "S_TWKREG", (), {
@@ -150,7 +153,7 @@ IMAGE3: tuple[StepSpec, ...] = (
         "skystat": "mode", "dqbits": "~DO_NOT_USE+NON_SCIENCE", "lower": None, "upper": None, "nclip": 5,
         "lsigma": 4.0, "usigma": 4.0, "binwidth": 0.1, "in_memory": True}),
     StepSpec("outlier_detection", "OutlierDetectionStep", "S_OUTLIR", (), {
-        "weight_type": "ivm", "pixfrac": 1.0, "kernel": "square", "fillval": "NAN", "maskpt": 0.7, "snr": "5.0 4.0",
+        "weight_type": DEFAULT_WEIGHT_TYPE, "pixfrac": 1.0, "kernel": "square", "fillval": "NAN", "maskpt": 0.7, "snr": "5.0 4.0",
         "scale": "1.2 0.7", "backg": 0.0, "kernel_size": "7 7", "threshold_percent": 99.8,
         "rolling_window_width": 25, "ifu_second_check": False, "save_intermediate_results": False,
         "resample_data": True, "good_bits": "~DO_NOT_USE", "in_memory": True, "pixmap_stepsize": 1.0,

@@ -37,7 +37,11 @@ from . import dqflags
 GOOD_BITS = "~DO_NOT_USE+NON_SCIENCE"
 VARIANCE_NAMES = ("var_rnoise", "var_flat", "var_poisson")   # stcal's order
 KERNELS = ("square", "gaussian", "point", "turbo", "lanczos2", "lanczos3")
-WEIGHT_TYPES = ("ivm", "exptime", None)
+WEIGHT_TYPES = ("ivm-smed", "ivm", "exptime", None)
+#: weight types that weight by inverse VAR_RNOISE (and combine the variances with those weights)
+IVM_TYPES = ("ivm", "ivm-smed")
+#: half-width [pixels] of the separable running median "ivm-smed" applies to VAR_RNOISE
+IVM_SMOOTH_HALF = 3
 #: pixels per pixel-map chunk (~2 MB per float64 coordinate array)
 PIXMAP_CHUNK_PIXELS = 1 << 18
 ARCSEC_PER_RADIAN = float(np.rad2deg(3600.0))
@@ -69,16 +73,22 @@ def good_pixel_mask(dq: np.ndarray, good_bits: int | str | None) -> np.ndarray:
 
 def drizzle_weight(dq: np.ndarray, var_rnoise: np.ndarray | None, weight_type: str | None,
                    good_bits: int | str | None, exposure_time: float | None = None) -> np.ndarray:
-    """float32 (ny, nx) input weights as stcal's ``build_driz_weight``.
+    """float32 (ny, nx) input weights as stcal's ``build_driz_weight``, plus calstream's ``"ivm-smed"``.
 
     ``"ivm"``: 1/VAR_RNOISE (0 where not finite; 1 everywhere when VAR_RNOISE is missing);
+    ``"ivm-smed"``: the same with VAR_RNOISE replaced by its running median (:func:`smoothed_variance`),
+    so the weights follow the exposure's depth and amplifier structure but not its pixel-to-pixel
+    read-noise scatter (which, on undersampled PSFs, shifts point-source fluxes by ~1% rms);
     ``"exptime"``: the (measurement) exposure time [s]; None: 1. Bad DQ pixels get 0.
     """
     mask = good_pixel_mask(dq, good_bits)
-    if weight_type == "ivm":
+    if weight_type in IVM_TYPES:
         if var_rnoise is not None and var_rnoise.shape == dq.shape:
+            var = var_rnoise
+            if weight_type == "ivm-smed":
+                var = np.where(np.isfinite(var_rnoise) & (var_rnoise > 0), smoothed_variance(var_rnoise), np.nan)
             with np.errstate(divide="ignore", invalid="ignore"):
-                inv = 1.0 / var_rnoise
+                inv = 1.0 / var
             inv[~np.isfinite(inv)] = 0
         else:
             inv = np.ones(dq.shape, dtype=np.float32)
@@ -92,6 +102,39 @@ def drizzle_weight(dq: np.ndarray, var_rnoise: np.ndarray | None, weight_type: s
     else:
         raise ValueError(f"unknown weight_type {weight_type!r}; expected one of {WEIGHT_TYPES}")
     return result.astype(np.float32)
+
+
+def smoothed_variance(var: np.ndarray, half: int = IVM_SMOOTH_HALF) -> np.ndarray:
+    """float32 (ny, nx) running median of ``var`` over (2 half + 1) pixels along rows, then along
+    columns (a separable median; non-finite and non-positive values ignored, NaN where none)."""
+    rows = _running_median_rows(np.ascontiguousarray(var, dtype=np.float32), half)
+    return np.ascontiguousarray(_running_median_rows(np.ascontiguousarray(rows.T), half).T)
+
+
+@numba.njit(cache=True, nogil=True)
+def _running_median_rows(values: np.ndarray, half: int) -> np.ndarray:
+    ny, nx = values.shape
+    out = np.empty((ny, nx), np.float32)
+    window = np.empty(2 * half + 1, np.float32)
+    for i in range(ny):
+        for j in range(nx):
+            n = 0
+            for x in range(max(0, j - half), min(nx, j + half + 1)):
+                v = values[i, x]
+                if v > 0 and v < np.inf:        # insertion into the sorted window
+                    k = n
+                    while k > 0 and window[k - 1] > v:
+                        window[k] = window[k - 1]
+                        k -= 1
+                    window[k] = v
+                    n += 1
+            if n == 0:
+                out[i, j] = np.nan
+            elif n % 2:
+                out[i, j] = window[n // 2]
+            else:
+                out[i, j] = 0.5 * (window[n // 2 - 1] + window[n // 2])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,7 +617,7 @@ class MosaicAccumulator:
         variance at a time (the resampled VAR_RNOISE is kept: it weights the others)."""
         from drizzle.resample import Drizzle  # noqa: PLC0415
 
-        ivm = self.weight_type == "ivm"
+        ivm = self.weight_type in IVM_TYPES
         rn = None
         for name in VARIANCE_NAMES:
             var = getattr(image, name)

@@ -111,7 +111,7 @@ def write_i2d(mosaic: Mosaic, template: str | Path, out: str | Path, p: Mapping[
     meta.resample.pointings = mosaic.pointings
     meta.resample.pixel_scale_ratio = grid.pixel_scale_ratio
     meta.resample.pixfrac = p["pixfrac"]
-    meta.resample.weight_type = p["weight_type"]
+    record_weight_type(model, p["weight_type"])
     meta.exposure.exposure_time = meta.exposure.effective_exposure_time = mosaic.exposure_time
     meta.exposure.start_time, meta.exposure.end_time = mosaic.start_time, mosaic.end_time
     meta.exposure.duration = meta.exposure.elapsed_exposure_time = mosaic.duration
@@ -124,6 +124,15 @@ def write_i2d(mosaic: Mosaic, template: str | Path, out: str | Path, p: Mapping[
         update(model)
     save_model(model, out)
     return model
+
+
+def record_weight_type(model: Any, weight_type: str | None) -> None:
+    """RESWHT in jwst's vocabulary (ivm / exptime; "ivm-smed" is an ivm weighting); calstream's
+    exact choice in the primary keyword CSRESWHT."""
+    model.meta.resample.weight_type = "ivm" if weight_type == "ivm-smed" else weight_type
+    header = model.instance.setdefault("extra_fits", {}).setdefault("PRIMARY", {}).setdefault("header", [])
+    header[:] = [row for row in header if row[0] != "CSRESWHT"]
+    header.append(["CSRESWHT", str(weight_type), "calstream drizzle weighting"])
 
 
 def set_grid_wcsinfo(model: Any, grid: OutputGrid) -> None:

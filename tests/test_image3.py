@@ -68,10 +68,28 @@ def test_i2d_product(image3_field, image3_run):
     header = fits.getheader(path)
     assert header["CAL_VER"] and header["CRDS_CTX"] == image3_field.context
     assert header["S_RESAMP"] == "COMPLETE" and header["S_OUTLIR"] == "COMPLETE" and header["S_SKYMAT"] == "COMPLETE"
+    assert header["RESWHT"] == "ivm" and header["CSRESWHT"] == "ivm-smed"     # jwst's word, calstream's choice
     table = fits.getdata(path, "HDRTAB")
     assert [n.strip() for n in table["FILENAME"]] == [crf_name(p.name, "a3001") for p in image3_field.cal_paths]
     assert np.isclose(fits.getheader(path)["EFFEXPTM"], sum(
         fits.getheader(p, "SCI")["XPOSURE"] for p in image3_field.cal_paths))
+
+
+def test_undersampled_filters_take_crds_outlier_parameters(image3_field):
+    """The synthetic CRDS selects pars-outlierdetectionstep by EXP_TYPE/FILTER/PUPIL (as real NIRCam
+    rmaps do) for undersampled filters; other filters keep jwst's defaults."""
+    from calstream.steps.asn import load_association
+    from calstream.steps.image3 import open_members, plan_image3
+    from calstream.steps.synth.references import UNDERSAMPLED_FILTERS
+
+    members = open_members(load_association(image3_field.asn_path))
+    assert members[0].info.keyword("FILTER") in UNDERSAMPLED_FILTERS
+    plan = plan_image3(members, context=image3_field.context)
+    assert plan.params["outlier_detection"]["scale"] == "2.5 1.2"
+    assert any("pars-outlierdetectionstep" in source for source in plan.parameter_sources)
+    assert plan.params["outlier_detection"]["snr"] == "5.0 4.0"
+    members[0].info.primary["FILTER"] = "F444W"
+    assert plan_image3(members, context=image3_field.context).params["outlier_detection"]["scale"] == "1.2 0.7"
 
 
 def test_crf_products(image3_run):

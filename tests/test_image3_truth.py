@@ -154,25 +154,31 @@ def test_image3_alignment_and_positions(image3):
 
 
 def test_image3_isolated_star_fluxes(image3):
-    """Isolated stars measured to SNR >= 200: the calibration is right to 1% on the median, and
-    every star within 2.5%. The per-star spread (~1% rms) is the inverse-variance drizzle of an
-    undersampled PSF: per-pixel VAR_RNOISE weights favour different pixel phases at different
-    output pixels; jwst's ResampleStep gives the same i2d on these inputs, and with
-    weight_type='exptime' the same stars fall within 1% (bench/validate_image3.py)."""
+    """Isolated stars measured to SNR >= 200 (0.5% noise): every one within the issue's 2% of the
+    truth, the median within 0.5%. Two choices carry this on these undersampled SW stars (measured
+    on fields of seeds 1-3, README): ivm-smed weights (jwst's per-pixel ivm spreads these stars by
+    ~1% rms, up to 2.1%) and CRDS's pars-outlierdetectionstep (jwst's scale 1.2 0.7 flags the
+    cores of well-centred stars: up to 6% low)."""
+    from calstream.steps.synth.field_truth import MAX_STAR_FLUX_ERROR
+
     _, truth = image3
     ratios = np.asarray(truth.star_flux_ratio_isophotal)[np.asarray(truth.star_flux_snr) >= 200]
     assert len(ratios) >= 8
-    assert abs(np.median(ratios) - 1.0) < 0.01
-    assert np.max(np.abs(ratios - 1.0)) < 0.025
+    assert abs(np.median(ratios) - 1.0) < 0.005
+    assert np.max(np.abs(ratios - 1.0)) < MAX_STAR_FLUX_ERROR
 
 
 def test_image3_surviving_cosmic_rays_are_flagged_and_gone(image3):
     _, truth = image3
     assert truth.n_cr_tested >= 100
-    assert truth.n_cr_flagged == truth.n_cr_tested
+    sky_tested = truth.n_cr_tested - truth.n_cr_on_source_tested
+    assert sky_tested >= 100 and truth.n_cr_flagged - truth.n_cr_on_source_flagged == sky_tested
+    assert truth.n_cr_on_source_tested >= 30
+    assert truth.n_cr_on_source_flagged >= 0.95 * truth.n_cr_on_source_tested
     assert truth.n_cr_sky_tested >= 30 and truth.cr_leak_median_sigma > 3   # a leak would show
     assert truth.cr_residual_fraction < 0.1
     assert truth.cr_max_residual_sigma < 5
+    assert all(passed for passed in (v[2] for v in truth.criteria().values()))
 
 
 def test_image3_total_flux_is_conserved(image3):

@@ -12,7 +12,7 @@ from calstream.steps import dqflags
 from calstream.steps.resample import (ExposureTimes, MosaicAccumulator, PixmapCache, ResampleInput, WcsReference,
                                       bad_bits, blot, drizzle_weight, error_from_variances, footprint,
                                       full_pixel_map, mean_pixel_area, output_grid, pixel_map,
-                                      spherical_polygon_area)
+                                      smoothed_variance, spherical_polygon_area)
 
 SCALE = 0.031            # arcsec / pixel
 CRVAL = (53.16, -27.78)
@@ -72,6 +72,31 @@ def test_drizzle_weight_ivm_exptime_and_dq():
     assert ivm.dtype == np.float32 and ivm.tolist() == [[0.25, 0.0, 0.5, 0.0]]     # 1/0 -> 0
     assert drizzle_weight(dq, var, "exptime", "~DO_NOT_USE", exposure_time=30.0).tolist() == [[30, 0, 30, 30]]
     assert drizzle_weight(dq, None, "ivm", 0).tolist() == [[1, 0, 0, 1]]           # no VAR_RNOISE: 1
+
+
+def test_ivm_smed_follows_the_exposure_not_single_pixels():
+    """A noisy pixel (4x the variance) keeps its neighbours' weight; a deeper exposure (half the
+    variance everywhere) weighs twice; bad DQ and non-finite VAR_RNOISE weigh 0."""
+    var = np.full((9, 9), 2.0, np.float32)
+    var[4, 4] = 8.0
+    var[0, 0] = np.nan
+    dq = np.zeros((9, 9), np.uint32)
+    dq[8, 8] = DNU
+    smed = drizzle_weight(dq, var, "ivm-smed", "~DO_NOT_USE")
+    assert smed[4, 4] == 0.5 and smed[4, 3] == 0.5
+    assert drizzle_weight(dq, var, "ivm", "~DO_NOT_USE")[4, 4] == 0.125
+    assert smed[0, 0] == 0 and smed[8, 8] == 0
+    np.testing.assert_array_equal(drizzle_weight(dq, var / 2, "ivm-smed", "~DO_NOT_USE"), 2 * smed)
+
+
+def test_smoothed_variance_is_a_separable_running_median():
+    var = np.array([[1.0, 1.0, 100.0, 1.0, 1.0, 3.0, 3.0, 3.0]], np.float32)
+    assert smoothed_variance(var, half=1).tolist() == [[1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0]]
+    gaps = np.array([[np.nan, 2.0, -1.0, 4.0]], np.float32)       # NaN and <= 0 ignored
+    assert smoothed_variance(gaps, half=1).tolist() == [[2.0, 2.0, 3.0, 4.0]]
+    assert np.isnan(smoothed_variance(np.full((2, 2), np.nan, np.float32), half=1)).all()
+    column = np.array([[1.0], [50.0], [1.0]], np.float32)          # the second pass runs along columns
+    assert smoothed_variance(column, half=1).ravel().tolist() == [25.5, 1.0, 25.5]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -494,7 +494,7 @@ def test_build_is_idempotent_and_extends(crds_cache, tmp_path):
     # a longer dark rewrites only that dark, under the same name
     root = tmp_path / "cache"
     first = cc.build_crds_cache(root, detectors=("NRCB1",), subarrays=("SUB64P",))
-    assert len(first.written) == 6 + 1 + 2            # static types, dark, pars
+    assert len(first.written) == 6 + 1 + 3            # static types, dark, pars
     more = cc.build_crds_cache(root, detectors=("NRCB1",), subarrays=("SUB64P",),
                                dark_frames={"SUB64P": 25})
     assert more.written == [refs.reference_name("dark", "NRCB1", "SUB64P")]

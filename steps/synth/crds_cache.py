@@ -38,7 +38,7 @@ from .detector import (DETECTORS, GAIN_CHANGE, DetectorParams, GainChange, ReadP
                        pixel_maps, subarray_for)
 from .stage2 import (IMAGE2_NA_TYPES, STAGE2_PARKEYS, detector_filters, stage2_name, write_flat,
                      write_stage2_references)
-from .references import (PARS_REFERENCES, RefRecipe, existing_recipe_key, pars_name,
+from .references import (PARS_REFERENCES, UNDERSAMPLED_FILTERS, RefRecipe, existing_recipe_key, pars_name,
                          reference_name, write_pars, write_reference)
 
 OBSERVATORY = "jwst"
@@ -91,6 +91,9 @@ REFTYPE_SPECS: dict[tuple[str, str], RefTypeSpec] = {
     ("nircam", "pars-detector1pipeline"): RefTypeSpec(
         (TSO,), ".asdf", "Step parameters for Detector1Pipeline"),
     ("nircam", "pars-jumpstep"): RefTypeSpec((), ".asdf", "JumpStep runtime parameters"),
+    ("nircam", "pars-outlierdetectionstep"): RefTypeSpec(
+        ("META.EXPOSURE.TYPE", "META.INSTRUMENT.FILTER", "META.INSTRUMENT.PUPIL"), ".asdf",
+        "OutlierDetectionStep parameters"),
 }
 
 #: calwebb_image2 reference types written by :mod:`.stage2`
@@ -458,9 +461,18 @@ def synthetic_rules(spec: CacheSpec, change: GainChange = GAIN_CHANGE
                                       dark_subarray=sub)
             base.append(RuleRow("dark", (det, sub), USEAFTER, name))
     for reftype in PARS_REFERENCES:
-        match = ("F",) if REFTYPE_SPECS[("nircam", reftype)].parkeys else ()
-        base.append(RuleRow(reftype, match, PARS_USEAFTER, pars_name(reftype)))
+        for match in _pars_matches(reftype):
+            base.append(RuleRow(reftype, match, PARS_USEAFTER, pars_name(reftype)))
     return base, base + extra, recipes
+
+
+def _pars_matches(reftype: str) -> list[tuple[str, ...]]:
+    """rmap Match tuples of a parameter reference: per undersampled imaging filter for
+    pars-outlierdetectionstep, TSOVISIT=F when keyed on it, else the single empty match."""
+    parkeys = REFTYPE_SPECS[("nircam", reftype)].parkeys
+    if reftype == "pars-outlierdetectionstep":
+        return [("NRC_IMAGE", filt, "CLEAR") for filt in UNDERSAMPLED_FILTERS]
+    return [("F",)] if parkeys else [()]
 
 
 def _stage2_rows(refdir: Path, spec: CacheSpec, references: dict[str, Path], written: list[str],
@@ -502,7 +514,7 @@ def reprocessing_rules(rules: Sequence[RuleRow], spec: CacheSpec, refdir: Path,
         path = refdir / name
         if force or not path.exists():
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-            write_flat(tmp, det, REPROCESS_FLAT_FILTER, seed=spec.seed + 1)
+            write_flat(tmp, det, REPROCESS_FLAT_FILTER, seed=spec.seed, version=2)
             os.replace(tmp, path)
             written.append(name)
         references[name] = path

@@ -353,7 +353,7 @@ class DetectorParams:
     gain_pix_sigma: float = 0.015      # fractional
     rn_cds_sw: float = 10.0            # DN, CDS read noise (what READNOISE refs hold)
     rn_cds_lw: float = 9.0             # DN
-    rn_amp_spread: float = 0.8         # DN
+    rn_amp_spread: float = 0.3         # DN (amplifiers of one detector agree to a few %)
     rn_pix_sigma: float = 0.08         # fractional
     noisy_fraction: float = 3e-3       # pixels with 2.5x read noise
     dark_e: float = 0.003              # e-/s, median dark current

@@ -322,7 +322,16 @@ PARS_REFERENCES: dict[str, dict] = {
         "pars-jumpstep", "jwst.jump.jump_step.JumpStep", "jump",
         {"rejection_threshold": 4.0},
         description="JumpStep parameters for NIRCam"),
+    # Undersampled filters: the blotted median of dithered exposures is broader than one
+    # exposure's PSF core (pixel phases differ), so the derivative allowance must be larger
+    # than jwst's default 1.2 0.7 or star cores get flagged (jwst issue 9989).
+    "pars-outlierdetectionstep": pars_tree(
+        "pars-outlierdetectionstep", "jwst.outlier_detection.outlier_detection_step.OutlierDetectionStep",
+        "outlier_detection", {"scale": "2.5 1.2"},
+        description="OutlierDetectionStep parameters for undersampled NIRCam imaging filters"),
 }
+#: filters the NIRCam pars-outlierdetectionstep applies to (PSF FWHM below ~2 pixels)
+UNDERSAMPLED_FILTERS: tuple[str, ...] = ("F070W", "F090W", "F115W", "F150W", "F200W", "F277W", "F356W")
 
 
 def asdf_text(tree: dict) -> str:
@@ -382,7 +391,7 @@ def pars_name(reftype: str) -> str:
 
 
 __all__ = [
-    "MASK_DQ_DEF", "PARS_REFERENCES", "REFERENCE_MODELS", "RefRecipe", "build_reference",
+    "MASK_DQ_DEF", "PARS_REFERENCES", "UNDERSAMPLED_FILTERS", "REFERENCE_MODELS", "RefRecipe", "build_reference",
     "dark_cube", "decode_dq", "dq_def_table", "encode_dq", "existing_recipe_key",
     "maps_for", "pars_name", "pars_tree", "reference_name",
     "reference_serial", "standard_dq_def", "write_pars", "write_reference",

@@ -4,8 +4,9 @@
   a cubic polynomial ideal-plane distortion (<= ~0.5 px at the corners) then the linear
   ideal -> V2V3 rotation of :func:`..scene.subarray_v2v3` (VPARITY, V3I_YANG), with an inverse.
 * ``filteroffset`` – ASDF FilteroffsetModel: a small (column, row) shift per filter/pupil.
-* ``flat`` – FlatModel SCI/ERR/DQ (2048 x 2048, per detector + filter + pupil): a few NaN, zero
-  and NO_FLAT_FIELD pixels.
+* ``flat`` – FlatModel SCI/ERR/DQ (2048 x 2048, per detector + filter + pupil): the synthetic
+  detector's pixel response with a lamp flat's measurement noise; a few NaN, zero and
+  NO_FLAT_FIELD pixels.
 * ``photom`` – NircamPhotomModel table: PHOTMJSR per filter/pupil (one file per detector).
 * ``area`` – PixelAreaModel (2048 x 2048) with PIXAR_SR / PIXAR_A2.
 
@@ -21,7 +22,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .detector import DETECTORS, FULL_SIZE, detector_info
+from .detector import DETECTORS, FULL_SIZE, detector_info, pixel_maps
 
 #: filters given photom rows (SHORT and LONG channel broad bands), all with PUPIL=CLEAR
 PHOTOM_FILTERS: dict[str, float] = {
@@ -114,14 +115,25 @@ def write_filteroffset(path: str | os.PathLike, detector: str) -> None:
         model.save(str(path))
 
 
-def flat_arrays(detector: str, filt: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Full-frame (2048, 2048) flat SCI (~1), ERR (~0.005) float32 and DQ uint32 with a few
-    NaN / zero / NO_FLAT_FIELD pixels."""
-    rng = np.random.default_rng([seed, DETECTORS.index(detector.upper()), list(PHOTOM_FILTERS).index(filt)])
-    y, x = np.mgrid[0:FULL_SIZE, 0:FULL_SIZE].astype(np.float32) / FULL_SIZE
-    sci = (1.0 + 0.03 * (x - 0.5) - 0.02 * (y - 0.5) ** 2
-           + rng.normal(0, 0.01, (FULL_SIZE, FULL_SIZE))).astype(np.float32)
-    err = np.abs(rng.normal(0.005, 0.001, sci.shape)).astype(np.float32)
+#: rms of the flat's per-pixel measurement error (real NIRCam imaging flats: a few 0.1%)
+FLAT_NOISE = 0.003
+
+
+def flat_arrays(detector: str, filt: str, seed: int = 0, version: int = 1
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Full-frame (2048, 2048) flat SCI, ERR float32 and DQ uint32 of ``detector``: the relative
+    response (QE / gain, DN per photon, median 1) of the synthetic detector of ``seed``
+    (:func:`.detector.pixel_maps`), as a lamp flat measures it (``FLAT_NOISE`` rms per pixel;
+    ``version`` draws a new measurement), plus a few NaN / zero / NO_FLAT_FIELD / DO_NOT_USE
+    pixels. Dead pixels measure 0; reference pixels are 1."""
+    maps = pixel_maps(detector, seed)
+    response = maps.qe / maps.gain
+    light = ~maps.is_ref & (maps.qe > 0)
+    response /= np.median(response[light])
+    rng = np.random.default_rng([seed, DETECTORS.index(detector.upper()), list(PHOTOM_FILTERS).index(filt), version])
+    sci = (response * (1.0 + rng.normal(0.0, FLAT_NOISE, response.shape))).astype(np.float32)
+    sci[maps.is_ref] = 1.0
+    err = (FLAT_NOISE * np.abs(sci)).astype(np.float32)
     dq = np.zeros(sci.shape, np.uint32)
     n = FULL_SIZE * FULL_SIZE
     for frac, kind in ((2e-4, "nan"), (1e-4, "zero"), (2e-4, "noflat"), (1e-4, "dnu")):
@@ -137,12 +149,12 @@ def flat_arrays(detector: str, filt: str, seed: int = 0) -> tuple[np.ndarray, np
     return sci, err, dq
 
 
-def write_flat(path: str | os.PathLike, detector: str, filt: str, seed: int = 0) -> None:
+def write_flat(path: str | os.PathLike, detector: str, filt: str, seed: int = 0, version: int = 1) -> None:
     from stdatamodels.jwst.datamodels import FlatModel  # noqa: PLC0415
 
-    sci, err, dq = flat_arrays(detector, filt, seed)
+    sci, err, dq = flat_arrays(detector, filt, seed, version)
     with FlatModel(data=sci, err=err, dq=dq) as model:
-        _meta(model, "flat", detector, f"calstream synthetic flat {filt}")
+        _meta(model, "flat", detector, f"calstream synthetic flat {filt}" + (f" (version {version})" if version > 1 else ""))
         model.meta.instrument.filter = filt
         model.meta.instrument.pupil = "CLEAR"
         model.meta.subarray.name = "FULL"
