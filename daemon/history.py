@@ -38,7 +38,9 @@ def in_history(product: str | os.PathLike, history: str = DEFAULT_HISTORY) -> bo
     path = Path(product)
     if base.is_absolute():
         return base in path.parents
-    return len(path.parents) >= 3 and path.parents[1].name == base.name
+    context = path.parent.name            # <product folder>/<history>/<context>/<name>
+    return (len(path.parents) >= 3 and path.parents[1].name == base.name
+            and (context.endswith(".pmap") or context == UNKNOWN_CONTEXT))
 
 
 def keep_version(product: str | os.PathLike, context: str | None, output_root: str | os.PathLike,

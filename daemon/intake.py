@@ -24,7 +24,8 @@ from .sources import fits_expected_size
 
 _SEGMENT = re.compile(r"-seg(\d{3})")
 _PROGRAM = re.compile(r"^jw(\d{5})")
-_SUFFIX = re.compile(r"_(uncal|rate|rateints|cal|calints|i2d|crf|ramp)$")
+#: product suffixes a stem loses (one list for intake, ledger keys and Kafka event keys)
+_SUFFIX = re.compile(r"_(uncal|ramp|rate|rateints|cal|calints|i2d|crf|cat|segm|asn)$")
 
 STAGE1_PIPELINE = "calwebb_detector1"
 
@@ -43,7 +44,7 @@ def same_checksum(a: str, b: str) -> bool:
 def name_stem(name: str) -> str:
     """``jw..._00001-seg001_nrca1_cal.fits`` -> ``jw..._00001-seg001_nrca1``."""
     stem = Path(name).name
-    for ext in (".fits", ".fit", ".json"):
+    for ext in (".fits", ".fit", ".json", ".ecsv"):
         stem = stem.removesuffix(ext)
     return _SUFFIX.sub("", stem)
 
@@ -165,15 +166,13 @@ class AssociationInfo:
 
 def read_association_info(path: Path, output_root: Path) -> AssociationInfo:
     """Validate an association file (jwst layout, one product) for the ledger."""
-    import json  # noqa: PLC0415
-
     from calstream.steps.asn import load_association  # noqa: PLC0415
 
     asn = load_association(path)
     if not asn.science():
         raise InputError(path, "association has no science member (level 3 needs at least one)")
     asn_id = asn.asn_id or name_stem(path.name).removesuffix("_asn")
-    program = json.loads(path.read_text()).get("program")
+    program = asn.program
     members = tuple(Member(m.expname, m.exptype, name_stem(m.expname)) for m in asn.members)
     return AssociationInfo(asn_id, asn.asn_type, asn.asn_rule, asn.product_name,
                            None if program is None else str(program), members,

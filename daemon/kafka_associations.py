@@ -30,7 +30,6 @@ Events (JSON, key = asn_id)::
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -43,7 +42,7 @@ import structlog
 from calstream.steps.errors import InputError
 
 from .intake import read_association_info
-from .kafka_messages import ArrivalMessage, MessageError, _json_object
+from .kafka_messages import ArrivalMessage, MessageError, _json_object, encode_event
 from .kafka_settings import KafkaSettings
 from .ledger import AssociationRecord, ExposureInfo, JobSpec, Ledger, NewProduct
 from .sinks import error_event
@@ -52,6 +51,9 @@ from .sources import Arrival
 log = structlog.get_logger("calstream.daemon.kafka_associations")
 
 REMOTE_STATE = "remote"
+#: a member event whose cal product is not on the shared storage yet is tried this often, this far apart
+MEMBER_FILE_TRIES = 12
+MEMBER_FILE_RETRY_SECONDS = 5.0
 _INFO_FIELDS = tuple(f.name for f in fields(ExposureInfo))
 
 
@@ -59,9 +61,6 @@ def node_name() -> str:
     """``host:pid`` of this daemon (in events and remote origins)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
-
-def _encode(event: Mapping[str, Any]) -> bytes:
-    return json.dumps(dict(event), separators=(",", ":"), default=str).encode("utf-8")
 
 
 def origin_partition(origin: str | None, topic: str) -> int | None:
@@ -114,7 +113,7 @@ class AssociationRouter:
             return
         event = {"type": "declared", "asn_id": info.asn_id, "asn_path": str(message.path),
                  "members": [m.stem for m in info.members], "node": self.node, "arrival": origin}
-        self._send(self.topic, info.asn_id, _encode(event), on_delivered=done)
+        self._send(self.topic, info.asn_id, encode_event(event), on_delivered=done)
         self.counts["declared"] += 1
         log.info("association declared", asn_id=info.asn_id, members=len(info.members), origin=origin)
 
@@ -184,10 +183,21 @@ class AssociationRouter:
 
     # -- remote members (main thread) ----------------------------------------------------------------
 
-    def _record_then(self, event: Mapping[str, Any], done: Callable[[], None]) -> None:
+    def _record_then(self, event: Mapping[str, Any], done: Callable[[], None], attempt: int = 1) -> None:
         try:
             if record_remote_member(self.daemon.ledger, self.daemon.scheduler, event):
                 self.counts["remote_recorded"] += 1
+        except FileNotFoundError as exc:
+            if attempt < MEMBER_FILE_TRIES:             # shared storage may show the file late (NFS)
+                log.warning("member's cal product not visible yet; trying again", asn_id=event.get("asn_id"),
+                            attempt=attempt, retry_in=MEMBER_FILE_RETRY_SECONDS)
+                timer = threading.Timer(MEMBER_FILE_RETRY_SECONDS, self.daemon.call_soon,
+                                        (lambda: self._record_then(event, done, attempt + 1),))
+                timer.daemon = True
+                timer.start()
+                return                                  # not done: the offset stays uncommitted
+            self.publish_error(error_event(path=str((event.get("product") or {}).get("path")), reason=str(exc),
+                                           error_class=type(exc).__name__, stage="associations"))
         except Exception as exc:  # noqa: BLE001 - a bad event must not block the partition
             log.exception("member event not usable", asn_id=event.get("asn_id"))
             self.publish_error(error_event(path=str((event.get("product") or {}).get("path")), reason=str(exc),
@@ -244,7 +254,7 @@ class AssociationRouter:
         if event.get("type") != "product":
             return
         if event.get("stage") == "image3" and event.get("association"):
-            self._send(self.topic, str(event["association"]), _encode(
+            self._send(self.topic, str(event["association"]), encode_event(
                 {"type": "completed", "asn_id": event["association"], "node": self.node, "path": event.get("path")}))
             return
         if event.get("product_type") != "cal" or not event.get("exposure"):
@@ -280,7 +290,7 @@ class AssociationRouter:
                  "product": {"path": cal.path, "kind": cal.kind, "checksum": cal.checksum, "size": cal.size,
                              "crds_context": cal.crds_context, "references": cal.references,
                              "cal_ver": cal.cal_ver}}
-        self._send(self.topic, asn_id, _encode(event))
+        self._send(self.topic, asn_id, encode_event(event))
         self.counts["member_sent"] += 1
         log.info("member calibrated here, reported to the owner", asn_id=asn_id, exposure=exposure.stem)
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import structlog
 
 from .kafka_health import Backoff, BrokerHealth, HealthReporter
-from .kafka_messages import MessageError, parse_context
+from .kafka_messages import MessageError, origin_of, parse_context
 from .kafka_settings import KafkaSettings, ensure_topics
 
 log = structlog.get_logger("calstream.daemon.kafka_broadcast")
@@ -52,6 +52,7 @@ class BroadcastReader:
         self._consumer: Any = None
         self._catch_up: dict[Any, int] | None = None     # association partition -> end offset at start
         self.contexts_seen: list[str] = []
+        self._applied: tuple[Any, ...] | None = None       # the announcement last applied (see _connect)
 
     @property
     def topics(self) -> list[str]:
@@ -130,8 +131,8 @@ class BroadcastReader:
         self._consumer = consumer
         self._partitions = set(partitions)
         log.info("broadcast reader assigned", partitions=len(partitions), catching_up=sum(self._catch_up.values()))
-        if newest is not None:
-            self._context(newest)
+        if newest is not None and _identity(newest) != self._applied:
+            self._context(newest)         # not what this reader applied before a reconnect
         self._check_caught_up()
 
     def _newest_context(self, contexts: list) -> tuple[Any, dict]:
@@ -185,14 +186,14 @@ class BroadcastReader:
     # -- records ------------------------------------------------------------------------------------
 
     def _dispatch(self, record: Any) -> None:
-        origin = f"kafka:{record.topic}/{record.partition}/{record.offset}"
+        origin = origin_of(record)
         if record.topic == self.settings.topics.contexts:
             self._context(record)
         elif self.on_association_event is not None:
             self.on_association_event(record.value, origin)
 
     def _context(self, record: Any) -> None:
-        origin = f"kafka:{record.topic}/{record.partition}/{record.offset}"
+        origin = origin_of(record)
         try:
             context = parse_context(record.value)
         except MessageError as exc:
@@ -200,9 +201,15 @@ class BroadcastReader:
             if self.on_malformed is not None:
                 self.on_malformed(origin, str(exc))
             return
+        self._applied = _identity(record)
         self.contexts_seen.append(context)
         log.info("CRDS context announced", context=context, origin=origin)
         self.on_context(context, origin)
+
+
+def _identity(record: Any) -> tuple[Any, ...]:
+    """What tells one announcement from another, also across a broker that came back empty."""
+    return record.topic, record.partition, record.offset, record.timestamp
 
 
 __all__ = ["BroadcastReader"]

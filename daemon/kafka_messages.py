@@ -23,11 +23,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 from urllib.parse import unquote, urlparse
 
+from .intake import name_stem
 from .sources import input_kind
 
 CONTEXT_PATTERN = re.compile(r"^[a-z]+_\d{4,}\.pmap$")
 _KINDS = ("uncal", "asn")
-_SUFFIX = re.compile(r"_(uncal|rate|rateints|cal|calints|i2d|crf|cat|segm|asn)(\.fits|\.json|\.ecsv)?$")
 
 
 class MessageError(ValueError):
@@ -113,11 +113,21 @@ def parse_context(raw: bytes | None) -> str:
     return context
 
 
+def encode_event(event: Mapping[str, Any]) -> bytes:
+    """Compact JSON (UTF-8) of an event; paths and other objects as strings."""
+    return json.dumps(dict(event), separators=(",", ":"), default=str).encode("utf-8")
+
+
+def origin_of(record: Any) -> str:
+    """``kafka:<topic>/<partition>/<offset>`` of a consumer record."""
+    return f"kafka:{record.topic}/{record.partition}/{record.offset}"
+
+
 def file_stem(path: str | None) -> str | None:
     """``/x/jw..._nrca1_uncal.fits`` -> ``jw..._nrca1`` (the exposure a file belongs to)."""
     if not path:
         return None
-    return _SUFFIX.sub("", PurePosixPath(str(path)).name) or None
+    return name_stem(PurePosixPath(str(path)).name) or None
 
 
 def event_key(event: Mapping[str, Any]) -> str | None:
@@ -127,5 +137,5 @@ def event_key(event: Mapping[str, Any]) -> str | None:
     return str(subject) if subject else file_stem(event.get("path"))
 
 
-__all__ = ["ArrivalMessage", "CONTEXT_PATTERN", "MessageError", "event_key", "file_stem", "parse_arrival",
-           "parse_context"]
+__all__ = ["ArrivalMessage", "CONTEXT_PATTERN", "MessageError", "encode_event", "event_key", "file_stem",
+           "origin_of", "parse_arrival", "parse_context"]

@@ -116,7 +116,8 @@ def ensure_topics(settings: KafkaSettings, names: tuple[str, ...] | None = None)
     wanted = settings.topics.all() if names is None else names
     admin = KafkaAdminClient(**settings.client_options())
     try:
-        missing = [t for t in wanted if t not in set(admin.list_topics())]
+        existing = set(admin.list_topics())
+        missing = [t for t in wanted if t not in existing]
         for topic in missing:
             try:
                 admin.create_topics([NewTopic(topic, settings.partitions, settings.replication_factor)])

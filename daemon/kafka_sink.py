@@ -15,7 +15,6 @@ Keys: the exposure for stage 1/2 products and errors, the association for stage 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import deque
@@ -25,7 +24,7 @@ from typing import Any, Callable, Mapping
 import structlog
 
 from .kafka_health import Backoff, BrokerHealth, HealthReporter
-from .kafka_messages import event_key
+from .kafka_messages import encode_event, event_key
 from .kafka_settings import KafkaSettings, ensure_topics
 
 log = structlog.get_logger("calstream.daemon.kafka_sink")
@@ -42,11 +41,6 @@ class Outgoing:
     key: bytes | None
     value: bytes
     on_delivered: Callable[[], None] | None = None
-
-
-def encode_event(event: Mapping[str, Any]) -> bytes:
-    """Compact JSON (UTF-8) of an event; paths and other objects as strings."""
-    return json.dumps(dict(event), separators=(",", ":"), default=str).encode("utf-8")
 
 
 class KafkaSink:
@@ -67,6 +61,7 @@ class KafkaSink:
         self._cond = threading.Condition()
         self._stop = False
         self._producer: Any = None
+        self._in_flight = 0            # messages at the buffer's head being sent (never dropped)
         self.sent = 0
         self.dropped = 0
         self._metrics = _SinkMetrics(registry) if registry is not None else None
@@ -87,18 +82,27 @@ class KafkaSink:
     def send(self, topic: str, key: str | None, value: bytes,
              on_delivered: Callable[[], None] | None = None) -> None:
         """Queue one message; never blocks. ``on_delivered()`` runs (on the sender thread) once the
-        broker acknowledged it. A full buffer drops its oldest message."""
+        broker acknowledged it. A full buffer drops its oldest product or error event (the ledger
+        keeps what they report); association messages, which other daemons act on, are kept."""
         item = Outgoing(topic, None if key is None else key.encode("utf-8"), value, on_delivered)
         with self._cond:
             if len(self._buffer) >= self.settings.max_buffered_events:
-                lost = self._buffer.popleft()
-                self.dropped += 1
-                log.error("Kafka sink buffer full: oldest event dropped (the ledger keeps the product)",
-                          topic=lost.topic, key=lost.key, buffered=len(self._buffer))
-                if self._metrics:
-                    self._metrics.dropped.inc()
+                self._drop_oldest_report()
             self._buffer.append(item)
             self._cond.notify()
+
+    def _drop_oldest_report(self) -> None:
+        """(lock held) Remove the oldest product/error event not being sent, if any is buffered."""
+        reports = (self.settings.topics.products, self.settings.topics.errors)
+        for i, queued in enumerate(self._buffer):
+            if i >= self._in_flight and queued.topic in reports and queued.on_delivered is None:
+                del self._buffer[i]
+                self.dropped += 1
+                log.error("Kafka sink buffer full: oldest event dropped (the ledger keeps the product)",
+                          topic=queued.topic, key=queued.key, buffered=len(self._buffer))
+                if self._metrics:
+                    self._metrics.dropped.inc()
+                return
 
     def pending(self) -> int:
         """Messages not yet acknowledged by the broker."""
@@ -152,6 +156,7 @@ class KafkaSink:
                 if self._stop:
                     return
                 batch = [self._buffer[i] for i in range(min(SEND_BATCH, len(self._buffer)))]
+                self._in_flight = len(batch)
             try:
                 delivered = self._send_batch(batch)
                 error = None if delivered == len(batch) else "not acknowledged in time"
@@ -185,6 +190,7 @@ class KafkaSink:
     def _remove_delivered(self, count: int) -> None:
         with self._cond:
             delivered = [self._buffer.popleft() for _ in range(count)]
+            self._in_flight = 0
             self.sent += count
             if self._metrics:
                 self._metrics.buffered.set(len(self._buffer))

@@ -43,7 +43,7 @@ from kafka.errors import CommitFailedError, IllegalGenerationError, RebalanceInP
 from kafka.structs import OffsetAndMetadata
 
 from .kafka_health import Backoff, BrokerHealth, HealthReporter
-from .kafka_messages import ArrivalMessage, MessageError, parse_arrival
+from .kafka_messages import ArrivalMessage, MessageError, origin_of, parse_arrival
 from .kafka_offsets import OffsetTracker, Ticket
 from .kafka_settings import KafkaSettings, ensure_topics
 from .sinks import error_event
@@ -72,11 +72,6 @@ class AssociationRouting(Protocol):
 
     def revoked(self) -> None:
         """A rebalance started (IO thread): nothing is owned until the next assignment."""
-
-
-def origin_of(record: Any) -> str:
-    """``kafka:<topic>/<partition>/<offset>`` of a consumer record."""
-    return f"kafka:{record.topic}/{record.partition}/{record.offset}"
 
 
 class KafkaSource:
@@ -233,15 +228,18 @@ class KafkaSource:
                     self._dispatch(partition, record)
 
     def _feed(self) -> None:
-        """Hand backlog arrivals to the daemon while there is room, one partition after another."""
+        """Hand backlog arrivals to the daemon while there is room, one partition after another
+        (round robin, one record at a time, so ``max_in_flight`` holds)."""
+        turn = 0
         while self._room():
             with self._lock:
                 partitions = [tp for tp, queued in self._backlog.items() if queued]
                 if not partitions:
                     return
-                handed = [(tp, self._backlog[tp].popleft()) for tp in partitions]
-            for partition, record in handed:
-                self._dispatch(partition, record)
+                partition = partitions[turn % len(partitions)]
+                record = self._backlog[partition].popleft()
+            turn += 1
+            self._dispatch(partition, record)
 
     def _drop_backlog(self, partitions: Any) -> None:
         with self._lock:
@@ -413,4 +411,4 @@ class _Rebalance(ConsumerRebalanceListener):
                     partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in lost))
 
 
-__all__ = ["AssociationRouting", "KafkaSource", "origin_of"]
+__all__ = ["AssociationRouting", "KafkaSource"]

@@ -403,8 +403,9 @@ class Ledger:
         return _input(row)
 
     def find_input_by_checksum(self, checksum: str) -> InputRecord | None:
-        """The first accepted (not duplicate) input with this content."""
-        row = self._one("SELECT * FROM inputs WHERE checksum=? AND state != 'duplicate' ORDER BY id",
+        """The first input with this content that is being or was processed (accepted or done):
+        content that failed or was quarantined may be delivered again to be tried again."""
+        row = self._one("SELECT * FROM inputs WHERE checksum=? AND state IN ('accepted', 'done') ORDER BY id",
                         (checksum,))
         return _input(row)
 
@@ -741,13 +742,17 @@ class Ledger:
         for row in self._all("SELECT association_id, stem FROM association_members"):
             members.setdefault(row["stem"], []).append(int(row["association_id"]))
         out = []
+        seen: set[str] = set()
         for row in self._all("SELECT e.id, e.stem, e.exposure_name, e.path, e.crds_parameters, e.reftypes"
                              " FROM exposures e JOIN inputs i ON i.id = e.input_id"
-                             " WHERE i.state NOT IN ('quarantined', 'duplicate', 'remote') ORDER BY e.id"):
+                             " WHERE i.state NOT IN ('quarantined', 'duplicate', 'remote') ORDER BY e.id DESC"):
+            if row["stem"] in seen:
+                continue          # a file delivered again under the same name: its newest exposure only
+            seen.add(row["stem"])
             asns = tuple(sorted(set(members.get(row["stem"], []) + members.get(row["exposure_name"], []))))
             out.append(ExposureRecord(int(row["id"]), row["stem"], row["path"], json.loads(row["crds_parameters"]),
                                       json.loads(row["reftypes"]), uses.get(row["id"], {}), asns))
-        return out
+        return out[::-1]
 
     def get_meta(self, key: str) -> str | None:
         """A value of the ledger's key/value ``meta`` table (e.g. the re-processing campaign)."""

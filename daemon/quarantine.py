@@ -8,6 +8,7 @@ already vanished still gets its error file.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import shutil
@@ -25,13 +26,24 @@ def quarantine_file(path: str | Path, folder: str | Path, *, stage: str, error_c
     report = {"file": str(path), "quarantined_as": str(target), "stage": stage, "error_class": error_class,
               "message": message, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "traceback": traceback, **(extra or {})}
-    _write_json(target.with_name(target.name + ".error.json"), report)
+    error_file = target.with_name(target.name + ".error.json")
+    _write_json(error_file, report)
     try:
         os.replace(path, target)
-    except OSError:
-        if path.exists():                     # another file system: copy then remove
-            shutil.copy2(path, target)
-            path.unlink()
+    except FileNotFoundError:
+        pass                                  # already gone: the error file stands alone
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:          # e.g. no permission to remove it from the inbox
+            error_file.unlink(missing_ok=True)
+            raise
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")   # another file system
+        try:
+            shutil.copy2(path, tmp)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        path.unlink()
     return target
 
 

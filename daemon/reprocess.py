@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .affected import Affected, ContextError, affected_associations, affected_exposures, normalize_context
+from .cli import EXIT_OK, EXIT_REFERENCE, EXIT_USAGE, _fail
 from .ledger import Ledger
 
 CAMPAIGN_KEY = "reprocess.campaign"
 WAITING_KEY = "reprocess.waiting"
-EXIT_OK, EXIT_USAGE, EXIT_REFERENCE = 0, 2, 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,11 +74,6 @@ def _settings(args: argparse.Namespace) -> tuple[Path, Any]:
     if config is not None and config.crds_path is not None and not os.environ.get("CRDS_PATH"):
         os.environ["CRDS_PATH"] = str(config.crds_path)
     return ledger, config
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"calstream: error: {message}", file=sys.stderr)
-    return code
 
 
 class _Usage(Exception):

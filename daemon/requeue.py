@@ -154,8 +154,10 @@ class Requeue:
             return
         context = normalize_context(context)
         operator = origin in OPERATOR_ORIGINS
-        if context == self.in_use and not operator and self.ledger.get_meta(SETTLED_KEY) == context:
-            return                      # announced again (a replayed topic, a rewritten server_config)
+        if context == self.in_use and not operator and context in (self.ledger.get_meta(SETTLED_KEY),
+                                                                   self.ledger.get_meta(TARGET_KEY)):
+            return                      # announced again (a replayed topic, a rewritten server_config),
+                                        # settled or with its campaign under way: nothing new to plan
         if not self._available(context):
             self._keep_previous_active()
             self._wait_for(context)

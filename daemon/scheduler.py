@@ -241,11 +241,15 @@ class Scheduler:
         picked: list[tuple[JobRecord, int]] = []
         if free_workers <= 0:
             return picked
+        blocked_lane = None
         for job in self.ledger.queued_jobs(now, limit=max(16, 4 * free_workers)):
+            if blocked_lane is not None and job.lane != blocked_lane:
+                break             # no lower lane jumps ahead of a job waiting for memory
             need = self.job_bytes(job)
             alone = running == 0 and not picked
             if not alone and reserved_bytes + need > self.memory_budget:
-                continue          # a smaller job further down may still fit
+                blocked_lane = job.lane
+                continue          # a smaller job of the same lane further down may still fit
             picked.append((job, need))
             reserved_bytes += need
             if len(picked) >= free_workers:

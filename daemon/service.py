@@ -24,6 +24,7 @@ with the daemon before it starts).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import fcntl
 import importlib
 import os
@@ -86,10 +87,14 @@ class Daemon:
         self.stage3_gate: Callable[[Any], bool] | None = None
         self._request_handlers: dict[str, Callable[[str | None], str]] = {
             "force": lambda asn_id: self.force(str(asn_id)), "context": self._context_request}
-        self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        # SimpleQueue: put() is safe from a signal handler interrupting a get() on the same thread
+        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._acks: dict[int, list[Callable[[str], None]]] = {}
         self._reserved: dict[int, int] = {}
         self._pending_arrivals = 0
+        #: content hashing off the main thread (a full-frame uncal takes ~1.5 s to hash)
+        self._hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="calstream-hash")
+        self._hashing = 0
         self._deferred: list[tuple[float, Arrival]] = []
         self._pending_lock = threading.Lock()
         self._stop_reason: str | None = None
@@ -204,7 +209,10 @@ class Daemon:
                                    stuck_after=cfg.stuck_after)
         self.scheduler.stage3_gate = self.stage3_gate
         if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
+            except OSError as exc:
+                raise DaemonError(f"metrics endpoint {cfg.metrics_host}:{cfg.metrics_port}: {exc.strerror or exc}") from exc
         self.pool = WorkerPool(cfg.workers, lambda m: self._events.put(("worker", m)),
                                recycle_after=cfg.recycle_after, env=env, log_level=cfg.log_level,
                                log_json=cfg.log_json)
@@ -275,6 +283,10 @@ class Daemon:
                     self._pending_arrivals -= 1
                 if self._stop_reason is None:
                     self._on_arrival(payload)
+            elif kind == "hashed":
+                self._hashing -= 1
+                if self._stop_reason is None:
+                    self._on_hashed(*payload)
             elif kind == "worker":
                 self._on_worker_message(payload)
             elif kind == "call":
@@ -299,7 +311,7 @@ class Daemon:
             self.scheduler.check_stuck()
         queued = self.ledger.queue_by_lane()
         with self._pending_lock:
-            backlog = queued.get("live", 0) + self._pending_arrivals
+            backlog = queued.get("live", 0) + self._pending_arrivals + self._hashing
         self.scheduler.update_load(backlog, sum(self._reserved.values()))
         self.metrics.set_counts(self.ledger.job_counts(), queued, self.ledger.association_counts())
         self.metrics.workers_busy.set(len(self.pool.busy()))
@@ -315,8 +327,18 @@ class Daemon:
 
     def _on_arrival(self, arrival: Arrival) -> None:
         path = Path(arrival.path).absolute()
+        self._guarded(arrival, path, self._intake, arrival, path)
+
+    def _on_hashed(self, arrival: Arrival, path: Path, st: os.stat_result, checksum: str | BaseException) -> None:
+        if isinstance(checksum, BaseException):
+            self._guarded(arrival, path, _reraise, checksum)
+        else:
+            self._guarded(arrival, path, self._record_arrival, arrival, path, st, checksum)
+
+    def _guarded(self, arrival: Arrival, path: Path, step: Callable[..., None], *args: Any) -> None:
+        """Run an intake step; a vanished file is lost, an unreadable one tried again later."""
         try:
-            self._intake(arrival, path)
+            step(*args)
         except FileNotFoundError:
             self._lost_arrival(arrival, path)
         except OSError as exc:            # unreadable for now (permissions, I/O error): try again later
@@ -324,14 +346,32 @@ class Daemon:
             self._deferred.append((time.monotonic() + INTAKE_RETRY_SECONDS, arrival))
 
     def _intake(self, arrival: Arrival, path: Path) -> None:
-        assert self.ledger is not None and self.scheduler is not None
+        """A file seen before is answered from the ledger; a new one is hashed on the hashing
+        thread and recorded when its checksum comes back (:meth:`_record_arrival`)."""
+        assert self.ledger is not None
         st = path.stat()
         known = self.ledger.find_input(str(path), st.st_size, st.st_mtime_ns)
         if known is not None:
             self._attach_ack(known.id, known.state, arrival.ack)
             return
+        self._hashing += 1
+        self._hasher.submit(self._hash, arrival, path, st)
+
+    def _hash(self, arrival: Arrival, path: Path, st: os.stat_result) -> None:
+        """(hashing thread) the file's checksum, or the error reading it, back to the main thread."""
+        try:
+            result: str | BaseException = file_checksum(path)
+        except OSError as exc:
+            result = exc
+        self._events.put(("hashed", (arrival, path, st, result)))
+
+    def _record_arrival(self, arrival: Arrival, path: Path, st: os.stat_result, checksum: str) -> None:
+        assert self.ledger is not None and self.scheduler is not None
+        known = self.ledger.find_input(str(path), st.st_size, st.st_mtime_ns)
+        if known is not None:             # the same file announced twice while it was being hashed
+            self._attach_ack(known.id, known.state, arrival.ack)
+            return
         started = time.perf_counter()
-        checksum = file_checksum(path)
         base = dict(origin=arrival.origin, checksum=checksum, size=st.st_size, mtime_ns=st.st_mtime_ns)
         if arrival.checksum and not same_checksum(arrival.checksum, checksum):
             self._quarantine_arrival(arrival, path, base, "ChecksumMismatch",
@@ -670,6 +710,9 @@ class Daemon:
                     result = handler(request["argument"])
             except (LookupError, ValueError) as exc:
                 result = f"error: {exc.args[0] if exc.args else exc}"
+            except Exception as exc:  # noqa: BLE001 - one failing request must not block the others
+                log.exception("operator request failed", command=request["command"], argument=request["argument"])
+                result = f"error: {type(exc).__name__}: {exc}"
             self.ledger.finish_request(request["id"], result)
             log.info("operator request", command=request["command"], argument=request["argument"], result=result)
 
@@ -703,6 +746,7 @@ class Daemon:
         self.pool.stop()
 
     def _close(self) -> None:
+        self._hasher.shutdown(wait=False, cancel_futures=True)
         for sink in self._sinks:
             try:
                 sink.close()
@@ -719,10 +763,20 @@ class Daemon:
         log.info("daemon stopped", reason=self._stop_reason)
 
 
+def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
 def remove_partial_files(root: Path) -> int:
-    """Delete the temporary files (``.<name>.*.part``) that killed writers left under ``root``."""
+    """Delete the temporary files and folders (``.<name>.*.part``) that killed writers left under ``root``."""
+    import shutil  # noqa: PLC0415
+
     removed = 0
-    for dirpath, _, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [d for d in dirnames if d.startswith(".") and d.endswith(".part")]:
+            shutil.rmtree(os.path.join(dirpath, name), ignore_errors=True)
+            dirnames.remove(name)
+            removed += 1
         for name in filenames:
             if name.startswith(".") and name.endswith(".part"):
                 try:

@@ -44,6 +44,7 @@ class Association:
     product_name: str
     members: tuple[Member, ...]
     path: Path | None = None
+    program: str | None = None
 
     def member_paths(self) -> list[Path]:
         """Every member's file, relative names resolved against the association file's folder."""
@@ -88,10 +89,21 @@ def association_from_dict(data: Any, path: str | Path | None = None) -> Associat
     name = product.get("name")
     if not isinstance(name, str) or not name.strip():
         raise InputError(path, "association product has no 'name' (the output product name)")
+    asn_id = _optional_str(data, "asn_id", path)
+    for key, value in (("products[0].name", name), ("asn_id", asn_id)):
+        if _unsafe_name(value):
+            raise InputError(path, f"association {key} {value!r} is not a plain file name (no folders, '..' or NUL)")
     members = tuple(_member(m, i, path) for i, m in enumerate(_members_list(product, path)))
-    return Association(asn_id=_optional_str(data, "asn_id", path), asn_type=_optional_str(data, "asn_type", path),
+    program = data.get("program")
+    return Association(asn_id=asn_id, asn_type=_optional_str(data, "asn_type", path),
                        asn_rule=_optional_str(data, "asn_rule", path), product_name=name, members=members,
-                       path=Path(path) if path is not None else None)
+                       path=Path(path) if path is not None else None,
+                       program=None if program is None else str(program))
+
+
+def _unsafe_name(value: str) -> bool:
+    """True when ``value`` would leave the folder it names a file in."""
+    return "/" in value or "\\" in value or "\x00" in value or value.strip() in (".", "..")
 
 
 def asn_from_list(files: Iterable[str | Path], product_name: str, *, asn_type: str = "image3",

@@ -145,8 +145,8 @@ def read_cal_arrays(path: str | Path, shape: tuple[int, int] | None = None, *, e
     try:
         with fits.open(path, memmap=False) as hdul:
             names = {h.name for h in hdul}
-            for ext in ("SCI", "ERR", "DQ"):
-                if ext not in names:
+            for ext in ("SCI", "ERR", "DQ", "VAR_POISSON", "VAR_RNOISE"):
+                if ext not in names:    # (every calwebb_image2 product has them; the weights need VAR_RNOISE)
                     raise InputError(path, f"no {ext} extension")
             arrays = {}
             for ext in ARRAY_EXTENSIONS:
@@ -162,11 +162,8 @@ def read_cal_arrays(path: str | Path, shape: tuple[int, int] | None = None, *, e
     for ext, array in arrays.items():
         if array.shape != tuple(want):
             raise InputError(path, f"{ext} shape {array.shape} differs from {tuple(want)}")
-    zeros = None
-    if "VAR_POISSON" not in arrays or "VAR_RNOISE" not in arrays:
-        zeros = np.full(arrays["SCI"].shape, np.nan, np.float32)
-    return ImageArrays(arrays["SCI"], arrays.get("ERR"), arrays["DQ"], arrays.get("VAR_POISSON", zeros),
-                       arrays.get("VAR_RNOISE", zeros), arrays.get("VAR_FLAT"))
+    return ImageArrays(arrays["SCI"], arrays.get("ERR"), arrays["DQ"], arrays["VAR_POISSON"], arrays["VAR_RNOISE"],
+                       arrays.get("VAR_FLAT"))
 
 
 def resample_input(info: CalInfo, arrays: ImageArrays, wcs: Any = None) -> ResampleInput:

@@ -153,7 +153,10 @@ class RowReader:
                 raise IndexError(f"{nplanes} planes requested from {lay.name} of shape {lay.shape}")
             lead = (nplanes,)
         planes = int(np.prod(lead, dtype=np.int64))
-        raw = self._planes()[:planes, y0:y1, x0:x1]
+        pixels = self._planes()
+        if self._map is not None and self._map.size() < lay.offset + lay.nbytes:   # fstat of the mapped file
+            raise InputError(lay.path, f"{lay.name} truncated while being read (the file was rewritten in place)")
+        raw = pixels[:planes, y0:y1, x0:x1]
         dtype = np.dtype(dtype) if dtype is not None else lay.native_dtype
         if out is None:
             out = np.empty(lead + (y1 - y0, x1 - x0), dtype=dtype)
@@ -304,8 +307,11 @@ _UNSIGNED_OFFSET = {np.dtype(np.uint16): np.uint16(1 << 15), np.dtype(np.uint32)
 
 def encode_fits_data(array: np.ndarray) -> np.ndarray:
     """The FITS on-disk form of an image array: big-endian, C order; unsigned integers stored
-    signed with the BZERO offset astropy declares (uint32 -> int32 + 2**31)."""
+    signed with the BZERO offset astropy declares (uint32 -> int32 + 2**31), int8 as uint8 with
+    BZERO -128."""
     dtype = array.dtype
+    if dtype == np.int8:
+        return np.ascontiguousarray(array).view(np.uint8) ^ np.uint8(0x80)      # value + 128
     offset = _UNSIGNED_OFFSET.get(dtype.newbyteorder("="))
     if offset is not None:
         flipped = np.ascontiguousarray(array) ^ offset    # value - 2**(bits-1), two's complement

@@ -37,7 +37,7 @@ from .planning import resolve_parameters
 from .products import software_version
 from .resample import Mosaic, OutputGrid, PixmapCache, ResampleInput, blot
 from .resample_step import UNSUPPORTED as RESAMPLE_UNSUPPORTED
-from .resample_step import grid_from_parameters, resample_all, write_i2d
+from .resample_step import check_parameters, grid_from_parameters, parameter_pair, resample_all, write_i2d
 from .skymatch import SkyStats, bounding_polygon, measure_image, read_skylist, sky_mask, solve_sky
 
 log = structlog.get_logger("calstream.steps.image3")
@@ -163,6 +163,9 @@ def plan_image3(members: Sequence[Member], *, cli_steps: Mapping[str, Mapping[st
         if any(m.info.keyword("TARGTYPE") == "MOVING" for m in members):
             raise StepNotImplementedError("moving-target mosaics (assign_mtwcs) are not implemented in calstream")
         status["assign_mtwcs"], reasons["assign_mtwcs"] = SKIPPED, "fixed target (jwst runs tweakreg instead)"
+    for name in ("outlier_detection", "resample"):
+        if status[name] == COMPLETE:
+            check_parameters(params[name], name)
     if status["outlier_detection"] == COMPLETE and len(members) < 2:
         status["outlier_detection"], reasons["outlier_detection"] = SKIPPED, "needs at least two exposures"
     if status["source_catalog"] == COMPLETE and status["resample"] != COMPLETE:
@@ -258,9 +261,10 @@ def _match_sky(members: Sequence[Member], p: Mapping[str, Any]) -> tuple[list[fl
     groups = [group_index.setdefault(m.info.group_id, len(group_index)) for m in members]
     polygons = [bounding_polygon(m.wcs, m.info.shape, p["stepsize"]) for m in members]
     measurements = []
+    matching = "match" in p["skymethod"]            # "local" and "global" need no overlaps
     for i, m in enumerate(members):
         others: dict[int, list] = {}
-        for j, poly in enumerate(polygons):
+        for j, poly in enumerate(polygons if matching else ()):
             if groups[j] != groups[i]:
                 others.setdefault(groups[j], []).append(poly)
         arrays = m.arrays(err=False)
@@ -289,8 +293,8 @@ def group_indices(members: Sequence[Member]) -> list[list[int]]:
 def run_outlier_detection(members: Sequence[Member], p: Mapping[str, Any], output_dir: Path, asn_id: str,
                           update_crf: Callable[[Any, Member], None], pixmaps: PixmapCache) -> list[Path]:
     """Single-drizzle each group, median (images in a temporary file), blot, flag; write one crf per member."""
-    snr = od.parse_pair(p["snr"], "snr")
-    scale = od.parse_pair(p["scale"], "scale")
+    snr = parameter_pair(p["snr"], "snr", float, "outlier_detection")
+    scale = parameter_pair(p["scale"], "scale", float, "outlier_detection")
     grid = grid_for(members)
     groups = group_indices(members)
 
@@ -299,7 +303,7 @@ def run_outlier_detection(members: Sequence[Member], p: Mapping[str, Any], outpu
 
     with od.MedianStack(len(groups), grid.shape, directory=output_dir) as stack:
         for gi, indices in enumerate(groups):
-            images = ((members[i].resample_input(members[i].arrays(err=False)), pixmap(i)) for i in indices)
+            images = (drizzle_input(members, i, grid, p["weight_type"], pixmaps) for i in indices)
             sci, wht = od.single_drizzle(images, grid, n_inputs=len(indices), pixfrac=p["pixfrac"],
                                          kernel=p["kernel"], fillval=p["fillval"], weight_type=p["weight_type"],
                                          good_bits=p["good_bits"])
@@ -336,9 +340,18 @@ def crf_name(member_name: str, asn_id: str) -> str:
 def run_resample(members: Sequence[Member], p: Mapping[str, Any], pixmaps: PixmapCache) -> Mosaic:
     """Drizzle every member onto the output grid, one exposure in memory at a time."""
     grid = grid_for(members, p)
-    images = ((m.resample_input(m.arrays(err=False)), pixmaps.get(str(i), m.wcs, grid, m.info.shape))
-              for i, m in enumerate(members))
+    images = (drizzle_input(members, i, grid, p["weight_type"], pixmaps) for i in range(len(members)))
     return resample_all(images, grid, len(members), p)
+
+
+def drizzle_input(members: Sequence[Member], i: int, grid: OutputGrid, weight_type: str | None,
+                  pixmaps: PixmapCache) -> tuple[ResampleInput, np.ndarray]:
+    """Member ``i`` as it drizzles onto ``grid``: its arrays now, its pixel map and weighting
+    variance as first computed in this run (outlier detection and resample share them)."""
+    m = members[i]
+    image = m.resample_input(m.arrays(err=False))
+    image.weighting_var = pixmaps.weighting_variance(str(i), image.var_rnoise, weight_type)
+    return image, pixmaps.get(str(i), m.wcs, grid, m.info.shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,17 +34,6 @@ MEDIAN_BLOCK_BYTES = 32 << 20
 FLAG_BLOCK_ROWS = 256
 
 
-def parse_pair(text: str | tuple[float, float], name: str) -> tuple[float, float]:
-    """jwst's two-number string parameters ("5.0 4.0") as floats."""
-    if isinstance(text, str):
-        parts = text.replace(",", " ").split()
-    else:
-        parts = list(text)
-    if len(parts) != 2:
-        raise ValueError(f"{name} must hold two numbers, got {text!r}")
-    return float(parts[0]), float(parts[1])
-
-
 def weight_threshold(wht: np.ndarray, maskpt: float) -> float:
     """``maskpt`` x the mean of the non-zero finite weights after 3-sigma clipping (5 iterations)."""
     from astropy.stats import sigma_clip  # noqa: PLC0415
@@ -191,5 +180,5 @@ def apply_outlier_flags(dq: np.ndarray, mask: np.ndarray) -> int:
 
 __all__ = [
     "MEDIAN_BLOCK_BYTES", "MedianStack", "abs_derivative", "apply_outlier_flags", "flag_outliers",
-    "mask_low_weight", "parse_pair", "single_drizzle", "weight_threshold",
+    "mask_low_weight", "single_drizzle", "weight_threshold",
 ]

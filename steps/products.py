@@ -179,24 +179,34 @@ def step_status_keywords(statuses: Mapping[str, str], keywords: Mapping[str, str
     return {keywords[name]: status for name, status in statuses.items() if name in keywords}
 
 
-def save_model(model: Any, out: str | Path) -> Path:
-    """Save a stdatamodels model as ``out`` atomically.
+def save_model(model: Any, out: str | Path, fsync: bool = True) -> Path:
+    """Save a stdatamodels model as ``out`` atomically (and durably with ``fsync``, as the
+    stage-1 products are).
 
-    The file is written under its final name inside a temporary folder next to ``out`` (so
-    stdatamodels records the right FILENAME) and renamed into place.
+    The file is written under its final name inside a temporary folder ``.<stem>.*.part`` next to
+    ``out`` (so stdatamodels records the right FILENAME; the daemon removes such folders a killed
+    writer left) and renamed into place.
     """
+    import os  # noqa: PLC0415
     import shutil  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
 
+    from .fitsio import _fsync_dir  # noqa: PLC0415
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", dir=out.parent))
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", suffix=".part", dir=out.parent))
     try:
         tmp = tmpdir / out.name
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.save(str(tmp))
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         tmp.replace(out)
+        if fsync:
+            _fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return out

@@ -22,6 +22,7 @@ Arrays are numpy ``(ny, nx)``: float32 images, uint32 DQ; world coordinates in d
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -76,17 +77,15 @@ def drizzle_weight(dq: np.ndarray, var_rnoise: np.ndarray | None, weight_type: s
     """float32 (ny, nx) input weights as stcal's ``build_driz_weight``, plus calstream's ``"ivm-smed"``.
 
     ``"ivm"``: 1/VAR_RNOISE (0 where not finite; 1 everywhere when VAR_RNOISE is missing);
-    ``"ivm-smed"``: the same with VAR_RNOISE replaced by its running median (:func:`smoothed_variance`),
-    so the weights follow the exposure's depth and amplifier structure but not its pixel-to-pixel
-    read-noise scatter (which, on undersampled PSFs, shifts point-source fluxes by ~1% rms);
+    ``"ivm-smed"``: 1/:func:`weighting_variance` — the weights follow the exposure's depth and
+    amplifier structure but not its pixel-to-pixel read-noise scatter (which, on undersampled
+    PSFs, shifts point-source fluxes by ~1% rms);
     ``"exptime"``: the (measurement) exposure time [s]; None: 1. Bad DQ pixels get 0.
     """
     mask = good_pixel_mask(dq, good_bits)
     if weight_type in IVM_TYPES:
-        if var_rnoise is not None and var_rnoise.shape == dq.shape:
-            var = var_rnoise
-            if weight_type == "ivm-smed":
-                var = np.where(np.isfinite(var_rnoise) & (var_rnoise > 0), smoothed_variance(var_rnoise), np.nan)
+        var = weighting_variance(var_rnoise, weight_type)
+        if var is not None and var.shape == dq.shape:
             with np.errstate(divide="ignore", invalid="ignore"):
                 inv = 1.0 / var
             inv[~np.isfinite(inv)] = 0
@@ -102,6 +101,17 @@ def drizzle_weight(dq: np.ndarray, var_rnoise: np.ndarray | None, weight_type: s
     else:
         raise ValueError(f"unknown weight_type {weight_type!r}; expected one of {WEIGHT_TYPES}")
     return result.astype(np.float32)
+
+
+def weighting_variance(var_rnoise: np.ndarray | None, weight_type: str | None) -> np.ndarray | None:
+    """The variance an ivm weighting inverts: VAR_RNOISE itself ("ivm"), or its running median
+    (:func:`smoothed_variance`) where VAR_RNOISE is finite and positive, NaN elsewhere ("ivm-smed");
+    None for the other weight types or without VAR_RNOISE."""
+    if weight_type not in IVM_TYPES or var_rnoise is None:
+        return None
+    if weight_type == "ivm":
+        return var_rnoise
+    return np.where(np.isfinite(var_rnoise) & (var_rnoise > 0), smoothed_variance(var_rnoise), np.float32(np.nan))
 
 
 def smoothed_variance(var: np.ndarray, half: int = IVM_SMOOTH_HALF) -> np.ndarray:
@@ -418,17 +428,20 @@ def blot(median: np.ndarray, grid_wcs: Any, target_wcs: Any, target_shape: tuple
 
 
 class PixmapCache:
-    """Pixel maps of inputs onto grids, computed once and kept in ``.npy`` files (not in RAM).
+    """Per-exposure arrays computed once and kept in one anonymous temporary file (not in RAM,
+    and gone with the process however it ends): pixel maps of inputs onto grids, and the
+    variances "ivm-smed" weights by.
 
     Outlier detection drizzles and blots each exposure with the same map, and the final resample
     reuses it when its grid is the same: one WCS evaluation per exposure instead of three.
-    Use as a context manager; the files live in a temporary folder under ``directory``.
+    Use as a context manager.
     """
 
     def __init__(self, directory: str | Path | None = None,
                  chunk_pixels: int = PIXMAP_CHUNK_PIXELS) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix=".calstream-pixmaps-", dir=directory)
-        self._files: dict[tuple[str, int], Path] = {}
+        self._file = tempfile.TemporaryFile(prefix=".calstream-scratch-", dir=directory)
+        self._index: dict[tuple[str, ...], tuple[int, np.dtype, tuple[int, ...]]] = {}
+        self._end = 0
         self.chunk_pixels = chunk_pixels
         self.computed = 0
 
@@ -439,22 +452,46 @@ class PixmapCache:
         self.close()
 
     def close(self) -> None:
-        """Delete the files."""
-        self._files.clear()
-        self._tmp.cleanup()
+        """Delete the file."""
+        self._index.clear()
+        self._file.close()
 
     def get(self, key: str, wcs_from: Any, grid: "OutputGrid", shape: tuple[int, int]) -> np.ndarray:
         """The map of input ``key`` (with ``wcs_from``, ``shape``) onto ``grid``."""
-        ident = (key, grid.key)
-        path = self._files.get(ident)
-        if path is not None:
-            return np.load(path)
-        pmap = full_pixel_map(wcs_from, grid.wcs, shape, self.chunk_pixels)
-        self.computed += 1
-        path = Path(self._tmp.name) / f"{len(self._files)}.npy"
-        np.save(path, pmap)
-        self._files[ident] = path
-        return pmap
+        ident = ("pixmap", key, grid.key)
+        if ident not in self._index:
+            self._put(ident, full_pixel_map(wcs_from, grid.wcs, shape, self.chunk_pixels))
+            self.computed += 1
+        return self._read(ident)
+
+    def weighting_variance(self, key: str, var_rnoise: np.ndarray | None, weight_type: str | None
+                           ) -> np.ndarray | None:
+        """:func:`weighting_variance` of input ``key``, smoothed once: the first VAR_RNOISE given
+        for ``key`` decides (later passes read crf copies that differ only where DQ masks them)."""
+        if weight_type != "ivm-smed" or var_rnoise is None:
+            return weighting_variance(var_rnoise, weight_type)
+        ident = ("ivm-smed", key)
+        if ident not in self._index:
+            self._put(ident, weighting_variance(var_rnoise, weight_type))
+        return self._read(ident)
+
+    def _put(self, ident: tuple[str, ...], array: np.ndarray) -> None:
+        data = np.ascontiguousarray(array)
+        os.pwrite(self._file.fileno(), data.tobytes(), self._end)
+        self._index[ident] = (self._end, data.dtype, data.shape)
+        self._end += data.nbytes
+
+    def _read(self, ident: tuple[str, ...]) -> np.ndarray:
+        offset, dtype, shape = self._index[ident]
+        out = np.empty(shape, dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < out.nbytes:            # pread may return less than asked for large reads
+            n = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"scratch file ended {out.nbytes - done} bytes short")
+            done += n
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,6 +532,8 @@ class ResampleInput:
     sky_level: float | None = None
     sky_subtracted: bool = False
     name: str = ""
+    #: the variance an ivm weighting inverts, when already computed (:meth:`PixmapCache.weighting_variance`)
+    weighting_var: np.ndarray | None = None
 
 
 @dataclass
@@ -593,7 +632,9 @@ class MosaicAccumulator:
             raise ValueError(f"{image.name or 'input'}: exposure time must be positive")
         if pixmap is None:
             pixmap = full_pixel_map(image.wcs, self.grid.wcs, data.shape, self.chunk_pixels)
-        weight = drizzle_weight(image.dq, image.var_rnoise, self.weight_type, self.good_bits,
+        wvar = image.weighting_var if image.weighting_var is not None and self.weight_type in IVM_TYPES \
+            else weighting_variance(image.var_rnoise, self.weight_type)   # one smoothing weighs both
+        weight = drizzle_weight(image.dq, wvar, "ivm" if wvar is not None else self.weight_type, self.good_bits,
                                 image.times.weight_time())
         if not image.sky_subtracted and image.sky_level is not None:
             data = data - float(image.sky_level)
@@ -601,7 +642,7 @@ class MosaicAccumulator:
         self._driz.add_image(data, **kwargs)
         del data
         if self.enable_var:
-            self._add_variances(image, kwargs)
+            self._add_variances(image, kwargs, wvar)
         self._update_times(image)
         self.n_added += 1
 
@@ -612,29 +653,38 @@ class MosaicAccumulator:
                 "iscale": 1.0, "weight_map": weight, "wht_scale": 1.0, "pixfrac": self.pixfrac, "in_units": "cps",
                 "xmin": xmin, "xmax": xmax, "ymin": ymin, "ymax": ymax}
 
-    def _add_variances(self, image: ResampleInput, kwargs: Mapping[str, Any]) -> None:
+    def _add_variances(self, image: ResampleInput, kwargs: Mapping[str, Any], wvar: np.ndarray | None) -> None:
         """Drizzle sqrt(var) of each variance, square it and add it to the running sums, one
-        variance at a time (the resampled VAR_RNOISE is kept: it weights the others)."""
-        from drizzle.resample import Drizzle  # noqa: PLC0415
-
+        variance at a time. ivm: the resampled ``wvar`` (:func:`weighting_variance`; VAR_RNOISE
+        itself for "ivm") weights them, as it weighted the science."""
         ivm = self.weight_type in IVM_TYPES
+        if ivm and (wvar is None or wvar.shape != image.sci.shape):
+            return   # stcal cannot weight without VAR_RNOISE: nothing accumulated
         rn = None
+        if ivm and wvar is not image.var_rnoise:
+            rn = self._rn_buffer()
+            rn[...] = self._drizzle_variance(wvar, kwargs)
         for name in VARIANCE_NAMES:
             var = getattr(image, name)
             if var is None or var.shape != image.sci.shape:
-                if name == "var_rnoise" and ivm:
-                    return   # stcal cannot weight without VAR_RNOISE: nothing accumulated
                 continue
-            img, wht = self._scratch_arrays()
-            driz = Drizzle(out_shape=self.grid.shape, kernel=self.kernel, fillval=np.nan, disable_ctx=True,
-                           out_img=img, out_wht=wht)
-            driz.add_image(data=np.sqrt(var), **kwargs)
-            np.square(img, out=img)
-            if name == "var_rnoise":
+            img = self._drizzle_variance(var, kwargs)
+            if ivm and rn is None:          # "ivm": the resampled VAR_RNOISE (drizzled first) weights all
                 rn = self._rn_buffer()
                 rn[...] = img
             _accumulate_variance(rn if ivm else img, (img,), (self._wsum[name],), (self._wt[name],),
                                  float(image.times.weight_time()), ivm)
+
+    def _drizzle_variance(self, var: np.ndarray, kwargs: Mapping[str, Any]) -> np.ndarray:
+        """A variance resampled as jwst does: sqrt(var) drizzled, squared (in a reused buffer)."""
+        from drizzle.resample import Drizzle  # noqa: PLC0415
+
+        img, wht = self._scratch_arrays()
+        driz = Drizzle(out_shape=self.grid.shape, kernel=self.kernel, fillval=np.nan, disable_ctx=True,
+                       out_img=img, out_wht=wht)
+        driz.add_image(data=np.sqrt(var), **kwargs)
+        np.square(img, out=img)
+        return img
 
     def _rn_buffer(self) -> np.ndarray:
         if self._rn is None:

@@ -18,35 +18,51 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from .calimage import read_cal_arrays, read_cal_info, resample_input, save_model
 from .errors import ParameterError, StepNotImplementedError
 from .image2 import flag_invalid, s_region
-from .resample import (GOOD_BITS, Mosaic, MosaicAccumulator, OutputGrid, ResampleInput, WcsReference, footprint,
-                       output_grid)
+from .resample import (GOOD_BITS, KERNELS, WEIGHT_TYPES, Mosaic, MosaicAccumulator, OutputGrid, ResampleInput,
+                       WcsReference, footprint, output_grid)
 
 
 #: ResampleStep parameters calstream accepts only at jwst's default value
 UNSUPPORTED: dict[str, Any] = {"output_wcs": "", "single": False, "propagate_dq": False, "pixmap_stepsize": 1.0}
 
 
-def check_parameters(p: Mapping[str, Any]) -> None:
-    """StepNotImplementedError for a ResampleStep option calstream does not implement."""
-    for key, default in UNSUPPORTED.items():
-        if p.get(key, default) != default:
-            raise StepNotImplementedError(f"steps.resample.{key}={p[key]!r} is not implemented in calstream "
-                                          f"(only jwst's default {default!r})")
+def check_parameters(p: Mapping[str, Any], step: str = "resample") -> None:
+    """When planning, before anything is written: ParameterError for a value of the resample (or
+    outlier_detection) step calstream cannot use, StepNotImplementedError for an option it does
+    not implement."""
+    if step == "resample":
+        for key, default in UNSUPPORTED.items():
+            if p.get(key, default) != default:
+                raise StepNotImplementedError(f"steps.resample.{key}={p[key]!r} is not implemented in calstream "
+                                              f"(only jwst's default {default!r})")
+        for name, kind in (("output_shape", int), ("crpix", float), ("crval", float)):
+            parameter_pair(p.get(name), name, kind)
+    else:
+        for name in ("snr", "scale"):
+            if parameter_pair(p.get(name), name, float, step) is None:
+                raise ParameterError(f"steps.{step}.{name} needs two numbers, got {p.get(name)!r}")
+    if p.get("weight_type") not in WEIGHT_TYPES:
+        raise ParameterError(f"steps.{step}.weight_type={p.get('weight_type')!r}: expected one of {WEIGHT_TYPES}")
+    if p.get("kernel") not in KERNELS:
+        raise ParameterError(f"steps.{step}.kernel={p.get('kernel')!r}: expected one of {KERNELS}")
+    pixfrac = p.get("pixfrac")
+    if isinstance(pixfrac, bool) or not isinstance(pixfrac, (int, float)) or not 0 < pixfrac <= 1:
+        raise ParameterError(f"steps.{step}.pixfrac={pixfrac!r}: expected a number in (0, 1]")
 
 
-def parameter_pair(value: Any, name: str, kind: Callable[[Any], Any]) -> tuple | None:
+def parameter_pair(value: Any, name: str, kind: Callable[[Any], Any], step: str = "resample") -> tuple | None:
     """A two-element list parameter ([x, y], "x,y" or "x y") as a tuple, or None."""
     if value is None or value == "":
         return None
     parts = re.split(r"[\s,]+", value.strip(" []()")) if isinstance(value, str) else list(value)
     if len(parts) != 2:
-        raise ParameterError(f"steps.resample.{name} must have two values, got {value!r}")
+        raise ParameterError(f"steps.{step}.{name} must have two values, got {value!r}")
     if all(v is None for v in parts):
         return None
     try:
         return kind(parts[0]), kind(parts[1])
     except (TypeError, ValueError) as exc:
-        raise ParameterError(f"steps.resample.{name}: {value!r} is not two numbers") from exc
+        raise ParameterError(f"steps.{step}.{name}: {value!r} is not two numbers") from exc
 
 
 def grid_from_parameters(wcss: Sequence[Any], reference: WcsReference, ref_shape: tuple[int, int],

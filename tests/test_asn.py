@@ -26,7 +26,7 @@ def test_round_trip_resolves_members_next_to_the_association(tmp_path):
     assert loaded == Association(asn_id="a3002", asn_type="image3", asn_rule="DMS_Level3_Base",
                                  product_name="mosaic",
                                  members=(Member("a_cal.fits", "science"), Member("b_cal.fits", "science")),
-                                 path=path)
+                                 path=path, program="noprogram")
     assert loaded.member_paths() == [tmp_path / "a_cal.fits", tmp_path / "b_cal.fits"]
     assert [p.name for p in tmp_path.iterdir()] == ["mosaic_asn.json"]  # no temporary left behind
 
@@ -60,6 +60,10 @@ def test_science_filters_other_exptypes_and_absolute_names_stay(tmp_path):
     ('{"products": [{"name": "a", "members": [{"expname": "x"}]}]}', "no 'exptype'"),
     ('{"asn_id": 5, "products": [{"name": "a", "members": [{"expname": "x", "exptype": "science"}]}]}',
      "'asn_id' must be a string"),
+    ('{"products": [{"name": "../../elsewhere", "members": [{"expname": "x", "exptype": "science"}]}]}',
+     "not a plain file name"),
+    ('{"asn_id": "..", "products": [{"name": "a", "members": [{"expname": "x", "exptype": "science"}]}]}',
+     "asn_id '..' is not a plain file name"),
 ])
 def test_malformed_association_names_the_file_and_the_problem(tmp_path, content, problem):
     path = tmp_path / "bad_asn.json"

@@ -278,9 +278,13 @@ def test_admission_by_workers_memory_and_lane(tmp_path):
     need = estimate_job_bytes("detector1", (1, 10, 2048, 2048))
     sched = Scheduler(ledger, workers=4, memory_budget=int(need * 1.5), stuck_after=60)
     picked = sched.next_jobs(free_workers=4, reserved_bytes=0, running=0)
-    # one big job fits the budget, the second does not; the small reprocess job fills the gap
-    assert [j.subject_id for j, _ in picked] == [big[0], small]
-    assert sched.next_jobs(free_workers=1, reserved_bytes=need, running=1) != []          # small still fits
+    # one big job fits the budget, the second does not; the small reprocess job may not jump ahead
+    # of the waiting live job (it would keep it waiting for ever), a small live one may
+    assert [j.subject_id for j, _ in picked] == [big[0]]
+    assert sched.next_jobs(free_workers=1, reserved_bytes=need, running=1) == []
+    small_live = _exposure(ledger, "jw01_00008_nrca1")
+    ledger.enqueue(JobSpec.exposure(small_live, "detector1"), lane="live")
+    assert [j.subject_id for j, _ in sched.next_jobs(4, 0, running=0)] == [big[0], small_live]
     tiny = Scheduler(ledger, workers=4, memory_budget=1, stuck_after=60)
     assert [j.subject_id for j, _ in tiny.next_jobs(4, 0, running=0)] == [big[0]]          # alone if too big
     assert tiny.next_jobs(4, 10, running=1) == []
@@ -377,6 +381,21 @@ def test_stuck_association_and_force(tmp_path):
 # quarantine, status, metrics
 # ---------------------------------------------------------------------------------------------
 
+def test_failed_content_can_be_delivered_again_and_a_stem_counts_once(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    args = dict(origin="test", checksum="sha256:abc", size=1, mtime_ns=1)
+    bad = ledger.add_input("/in/a_uncal.fits", "uncal", state="quarantined", **args)
+    ledger.add_input("/in/b_uncal.fits", "uncal", state="failed", **args)
+    assert ledger.find_input_by_checksum("sha256:abc") is None          # may be tried again
+    good = ledger.add_input("/in/c_uncal.fits", "uncal", **args)
+    assert ledger.find_input_by_checksum("sha256:abc").id == good != bad
+    first = _exposure(ledger, "jw01_00001_nrca1")
+    again = _exposure(ledger, "jw01_00001_nrca1")                        # the same name delivered again
+    other = _exposure(ledger, "jw01_00002_nrca1")
+    assert [r.exposure_id for r in ledger.exposures_for_reprocessing()] == [again, other] != [first]
+    ledger.close()
+
+
 def test_quarantine_moves_and_explains(tmp_path):
     bad = tmp_path / "inbox" / "jw_bad_uncal.fits"
     bad.parent.mkdir()
@@ -391,6 +410,42 @@ def test_quarantine_moves_and_explains(tmp_path):
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [
         "jw_bad_uncal.fits", "jw_bad_uncal.fits.1", "jw_bad_uncal.fits.1.error.json",
         "jw_bad_uncal.fits.error.json"]
+
+
+def test_quarantine_across_file_systems_and_without_permission(tmp_path, monkeypatch):
+    """Another file system: copied under a temporary name, renamed, the source removed. No
+    permission to move the input: nothing copied, no error file left, the error raised (the
+    daemon retries later)."""
+    import errno
+
+    from calstream.daemon import quarantine as q
+
+    bad = tmp_path / "inbox" / "jw_bad_uncal.fits"
+    bad.parent.mkdir()
+    bad.write_text("garbage")
+    real_replace = os.replace
+
+    def cross_device(src, dst):
+        if Path(src) == bad:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(q.os, "replace", cross_device)
+    target = quarantine_file(bad, tmp_path / "q", stage="intake", error_class="InputError", message="m")
+    assert not bad.exists() and target.read_text() == "garbage"
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [target.name, target.name + ".error.json"]
+
+    bad.write_text("garbage")
+
+    def forbidden(src, dst):
+        if Path(src) == bad:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(q.os, "replace", forbidden)
+    with pytest.raises(PermissionError):
+        quarantine_file(bad, tmp_path / "q", stage="intake", error_class="InputError", message="m")
+    assert bad.exists() and len(list((tmp_path / "q").iterdir())) == 2
 
 
 def test_status_tables(tmp_path):
@@ -500,3 +555,16 @@ def test_pool_backs_off_when_workers_die_while_starting():
     pool.on_ready(next(iter(pool._workers)))
     pool.on_exit(next(iter(pool._workers)), -9)                        # a ready worker died: respawn now
     assert pool.start_failures == 0 and len(pool._workers) == 1
+
+
+def test_restart_removes_what_killed_writers_left(tmp_path):
+    from calstream.daemon.service import remove_partial_files
+
+    folder = tmp_path / "out" / "jw01"
+    folder.mkdir(parents=True)
+    (folder / ".x_rate.fits.abc.part").write_bytes(b"half")                 # atomic_output's temporary
+    (folder / ".x_cal.k3j.part").mkdir()                                     # save_model's temporary folder
+    (folder / ".x_cal.k3j.part" / "x_cal.fits").write_bytes(b"half")
+    (folder / "x_rate.fits").write_bytes(b"whole")
+    assert remove_partial_files(tmp_path / "out") == 2
+    assert [p.name for p in folder.iterdir()] == ["x_rate.fits"]

@@ -70,6 +70,18 @@ def test_truncated_file_is_an_input_error(tmp_path: Path) -> None:
             image_layout(hdul, "SCI", path)
 
 
+def test_file_truncated_while_mapped_is_an_input_error_not_a_bus_error(tmp_path: Path) -> None:
+    path = tmp_path / "t.fits"
+    data = np.arange(2 * 64 * 64, dtype=np.uint16).reshape(1, 2, 64, 64)
+    _write(path, data)
+    with open_header(path) as hdul, RowReader(image_layout(hdul, "SCI", path)) as reader:
+        assert np.array_equal(reader.read(0, 8), data[..., :8, :])
+        with open(path, "r+b") as fh:                  # rewritten in place under the reader
+            fh.truncate(2880)
+        with pytest.raises(InputError, match="truncated while being read"):
+            reader.read(8, 64)
+
+
 def test_non_fits_file_is_an_input_error(tmp_path: Path) -> None:
     path = tmp_path / "junk_uncal.fits"
     path.write_bytes(b"this is not FITS" * 100)
@@ -96,7 +108,7 @@ def _header(**overrides: object) -> fits.Header:
     return fits.Header([(k, v) for k, v in cards.items() if v is not None])
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8, np.uint16, np.int16, np.uint32])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8, np.int8, np.uint16, np.int16, np.uint32])
 def test_write_hdulist_is_byte_identical_to_astropy(tmp_path: Path, dtype: type, monkeypatch) -> None:
     from calstream.steps import fitsio
 
@@ -104,6 +116,8 @@ def test_write_hdulist_is_byte_identical_to_astropy(tmp_path: Path, dtype: type,
     values = np.arange(3 * 5 * 7).reshape(3, 5, 7) * 977
     array = values.astype(dtype) if np.dtype(dtype).kind == "f" else (values % np.iinfo(dtype).max).astype(dtype)
     array.flat[0] = np.iinfo(dtype).max if np.dtype(dtype).kind in "ui" else -1.5
+    if np.dtype(dtype).kind == "i":
+        array.flat[1] = np.iinfo(dtype).min
 
     def hdul() -> fits.HDUList:
         return fits.HDUList([fits.PrimaryHDU(header=fits.Header([("TELESCOP", "JWST")])),

@@ -92,6 +92,22 @@ def test_undersampled_filters_take_crds_outlier_parameters(image3_field):
     assert plan_image3(members, context=image3_field.context).params["outlier_detection"]["scale"] == "1.2 0.7"
 
 
+@pytest.mark.parametrize(("steps", "problem"), [
+    ({"resample": {"weight_type": "IVM"}}, "resample.weight_type='IVM'"),
+    ({"outlier_detection": {"kernel": "box"}}, "outlier_detection.kernel='box'"),
+    ({"resample": {"pixfrac": 0.0}}, "resample.pixfrac=0.0"),
+    ({"outlier_detection": {"snr": "5"}}, "outlier_detection.snr must have two values"),
+    ({"resample": {"output_shape": "10 20 30"}}, "resample.output_shape must have two values"),
+])
+def test_bad_parameters_are_refused_before_anything_runs(image3_field, steps, problem):
+    from calstream.steps.asn import load_association
+    from calstream.steps.image3 import open_members, plan_image3
+
+    members = open_members(load_association(image3_field.asn_path))
+    with pytest.raises(ParameterError, match=problem.replace("(", r"\(").replace(".", r"\.")):
+        plan_image3(members, cli_steps=steps, context=image3_field.context)
+
+
 def test_crf_products(image3_run):
     from stdatamodels.jwst import datamodels
 
@@ -185,6 +201,11 @@ def test_bad_inputs(image3_field, tmp_path):
         bad = tmp_path / "bad_cal.fits"
         fits.HDUList([fits.PrimaryHDU()]).writeto(bad)
         calibrate_association(_asn(tmp_path, [bad]), tmp_path, context=image3_field.context)
+    no_var = tmp_path / "novar_cal.fits"
+    with fits.open(cals[1]) as hdul:
+        fits.HDUList([h for h in hdul if h.name != "VAR_RNOISE"]).writeto(no_var)
+    with pytest.raises(InputError, match="novar_cal.fits.*no VAR_RNOISE extension"):
+        calibrate_association(_asn(tmp_path, [cals[0], no_var]), tmp_path / "novar", context=image3_field.context)
     with pytest.raises(StepNotImplementedError, match="single"):
         calibrate_association(image3_field.asn_path, tmp_path, cli_steps={"resample": {"single": True}},
                               context=image3_field.context)

@@ -105,6 +105,7 @@ def test_event_keys_keep_one_subject_in_one_partition():
     assert event_key({"type": "product", "exposure": None, "association": "a3001"}) == "a3001"
     assert event_key({"type": "error", "path": "/in/jw1_00001-seg002_nrca1_uncal.fits"}) == "jw1_00001-seg002_nrca1"
     assert file_stem("/p/x_cal.fits") == "x" and file_stem(None) is None
+    assert file_stem("/p/jw01_nrca1_ramp.fits") == "jw01_nrca1" == file_stem("/p/jw01_nrca1_cat.ecsv")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +160,80 @@ def broker(tmp_path_factory):
     log = tmp_path_factory.mktemp("tansu") / "broker.log"
     with TansuBroker.start(log_path=log) as running:
         yield running
+
+
+class _StubProducer:
+    """kafka-python's producer surface the sink uses; every send fails until ``up`` is set."""
+
+    up = threading.Event()
+
+    class Future:
+        def __init__(self, ok: bool) -> None:
+            self.is_done, self.ok, self.exception = True, ok, None if ok else RuntimeError("broker away")
+
+        def failed(self) -> bool:
+            return not self.ok
+
+    def __init__(self, sent: list) -> None:
+        self.sent = sent
+
+    def send(self, topic, key=None, value=None):
+        if self.up.is_set():
+            self.sent.append((topic, key))
+        return self.Future(self.up.is_set())
+
+    def flush(self, timeout=None) -> None:
+        pass
+
+    def close(self, timeout=None) -> None:
+        pass
+
+
+def test_sink_overflow_drops_reports_never_association_messages():
+    """A full buffer drops its oldest product/error event not being sent; association messages
+    (and their delivery callbacks) survive and are sent once the broker is back."""
+    from calstream.daemon.kafka_sink import KafkaSink
+
+    settings = KafkaSettings(max_buffered_events=3, create_topics=False, retry_backoff_max_s=0.05)
+    sent, delivered = [], []
+    _StubProducer.up.clear()
+    sink = KafkaSink(settings, producer_factory=lambda: _StubProducer(sent))
+    try:
+        topics = settings.topics
+        sink.send(topics.associations, "a1", b"{}", on_delivered=lambda: delivered.append("a1"))
+        for i in range(4):
+            sink.publish({"type": "product", "path": f"/p/x{i}_cal.fits", "exposure": f"x{i}", "product_type": "cal"})
+        # how many went depends on what the sender had in flight (never dropped): at least one
+        assert sink.dropped >= 1 and sink.pending() + sink.dropped == 5
+        _StubProducer.up.set()
+        assert sink.flush(5)
+        assert sent[0] == (topics.associations, b"a1") and delivered == ["a1"]
+        assert len(sent) + sink.dropped == 5 and sent[-1] == (topics.products, b"x3")   # the newest kept
+    finally:
+        _StubProducer.up.set()
+        sink.close(timeout=2)
+
+
+def test_source_feeds_no_more_than_max_in_flight_across_partitions(tmp_path):
+    from collections import deque
+    from types import SimpleNamespace
+
+    from kafka import TopicPartition
+
+    from calstream.daemon.kafka_source import KafkaSource
+
+    settings = KafkaSettings()
+    source = KafkaSource(settings, has_capacity=lambda: True, publish_error=lambda e: None, max_in_flight=2)
+    submitted = []
+    source._submit = submitted.append
+    for p in range(6):                                    # six partitions, each with a backlog
+        path = tmp_path / f"jw01_0000{p}_nrca1_uncal.fits"
+        path.write_bytes(b"x")
+        tp = TopicPartition(settings.topics.arrivals, p)
+        source._backlog[tp] = deque(SimpleNamespace(topic=tp.topic, partition=p, offset=o,
+                                                    value=json.dumps({"path": str(path)}).encode()) for o in range(2))
+    source._feed()
+    assert len(submitted) == 2 and len({a.path for a in submitted}) == 2
 
 
 def quick_settings(broker: TansuBroker, prefix: str, **kw) -> KafkaSettings:
@@ -378,3 +453,31 @@ def test_source_keeps_fetching_through_many_pauses(broker, tmp_path):
     finally:
         stop.set()
         source.kill()
+
+
+def test_member_event_waits_for_its_cal_file_on_shared_storage(monkeypatch):
+    """A member whose cal product is not visible yet is tried again (its offset not finished);
+    after the last try it is reported as an error and finished."""
+    from types import SimpleNamespace
+
+    from calstream.daemon import kafka_associations as ka
+
+    monkeypatch.setattr(ka, "MEMBER_FILE_RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(ka, "MEMBER_FILE_TRIES", 3)
+    tries, done, errors = [], threading.Event(), []
+
+    def record(ledger, scheduler, event):
+        tries.append(1)
+        if len(tries) < event["visible_after"]:
+            raise FileNotFoundError("not there yet")
+        return True
+
+    monkeypatch.setattr(ka, "record_remote_member", record)
+    daemon = SimpleNamespace(ledger=None, scheduler=None, call_soon=lambda fn: fn())
+    router = ka.AssociationRouter(KafkaSettings(), daemon, lambda *a, **k: None, publish_error=errors.append)
+    router._record_then({"asn_id": "a1", "visible_after": 3}, done.set)
+    assert done.wait(5) and len(tries) == 3 and router.counts["remote_recorded"] == 1 and errors == []
+    tries.clear()
+    done.clear()
+    router._record_then({"asn_id": "a2", "visible_after": 99}, done.set)
+    assert done.wait(5) and len(tries) == 3 and errors and errors[0]["error_class"] == "FileNotFoundError"

@@ -10,7 +10,7 @@ import pytest
 from astropy.io import fits
 
 from calstream.steps import dqflags
-from calstream.steps.outlier import (MedianStack, abs_derivative, apply_outlier_flags, flag_outliers, parse_pair,
+from calstream.steps.outlier import (MedianStack, abs_derivative, apply_outlier_flags, flag_outliers,
                                      weight_threshold)
 
 OUTLIER, DNU = int(dqflags.OUTLIER), int(dqflags.DO_NOT_USE)
@@ -79,9 +79,6 @@ def test_weight_threshold_and_pairs():
     wht[2:8, 2:8] = 4.0
     wht[5, 5] = 400.0            # clipped away
     assert weight_threshold(wht, 0.7) == pytest.approx(2.8)
-    assert parse_pair("5.0 4.0", "snr") == (5.0, 4.0)
-    with pytest.raises(ValueError):
-        parse_pair("5", "snr")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -474,6 +474,10 @@ def test_switch_waits_for_the_operator(data, records, tmp_path, mode):
         assert _reprocess_jobs(ledger) == {s: st for s, st in gain.items() if s != busy}
         assert policy.deferred == {busy_id}
         assert json.loads(ledger.get_meta(WAITING_KEY)) == []
+        planned = campaign(ledger)
+        daemon.on_context_change(CTX[1], "kafka:calstream.crds-contexts/0/7")   # replayed after a reconnect
+        daemon.pump(lambda: policy._planning is None)
+        assert campaign(ledger) == planned and policy.deferred == {busy_id}     # the campaign goes on
 
         ledger.mark_running(job, 1)                              # the in-flight job ends (old context)
         ledger.finish_job(job, "done", products=[NewProduct(f"/p/{busy}_cal.fits", "cal")], context=CTX[0],
@@ -497,6 +501,7 @@ def test_history_keeps_versions_by_context(tmp_path):
     kept = keep_version(product, CTX[0], tmp_path / "out")
     assert kept == tmp_path / "out/jw1/history/jwst_0001.pmap/a_cal.fits" and kept.read_bytes() == b"v1"
     assert in_history(kept) and not in_history(product)
+    assert not in_history(tmp_path / "history" / "jw1" / "a_cal.fits")      # an output root named history
     product.unlink()
     product.write_bytes(b"v2")                       # another version made under the same context
     again = keep_version(product, CTX[0], tmp_path / "out", version=2)

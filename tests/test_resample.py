@@ -162,6 +162,35 @@ def test_inverse_variance_and_exptime_weighting():
                                (1 * 100 ** 2 + 3 * 300 ** 2) / 400 ** 2, rtol=1e-5)
 
 
+def test_ivm_smed_weights_science_and_variances_alike():
+    """Exposure a (VAR_RNOISE 1) has one noisy pixel (VAR_RNOISE 9); b has 3 everywhere. ivm-smed
+    weighs a by 1 and b by 1/3 everywhere — the science is the uniform answer even on the noisy
+    pixel — and combines the resampled variances with those same weights."""
+    shape = (16, 16)
+    w1, w2 = tan_wcs(shape), tan_wcs(shape, shift=(0.5, 0.25))
+    grid = grid_over(w1, w2, shape=shape)
+    a = image(np.full(shape, 2.0), w1, var=1.0, group="a")
+    a.var_rnoise[8, 8] = 9.0
+    b = image(np.full(shape, 8.0), w2, var=3.0, group="b")
+    out = {}
+    for weight_type in ("ivm-smed", "ivm"):
+        acc = MosaicAccumulator(grid, n_inputs=2, weight_type=weight_type)
+        acc.add(a)
+        acc.add(b)
+        out[weight_type] = acc.finalize()
+    alone = MosaicAccumulator(grid, n_inputs=1, weight_type="ivm-smed")
+    alone.add(a)
+    rn_a = alone.finalize().variances["var_rnoise"]            # a's VAR_RNOISE resampled
+    smed = out["ivm-smed"]
+    both = np.isclose(smed.wht, np.nanmax(smed.wht), rtol=1e-5)
+    assert both.sum() > 100
+    np.testing.assert_allclose(smed.sci[both], (2 / 1 + 8 / 3) / (1 + 1 / 3), rtol=1e-5)
+    np.testing.assert_allclose(smed.variances["var_rnoise"][both], (rn_a[both] + 3 / 9) / (4 / 3) ** 2, rtol=1e-5)
+    noisy = both & (rn_a > 1.01)
+    assert noisy.any()                                            # where ivm down-weights a's noisy pixel
+    assert np.all(out["ivm"].sci[noisy] > smed.sci[noisy] + 0.1)
+
+
 def test_dq_masking_sky_level_and_context():
     shape = (12, 12)
     w = tan_wcs(shape)
@@ -189,13 +218,30 @@ def test_pixel_map_chunks_and_blot_of_a_linear_image():
     blotted = blot(linear, grid.wcs, w_in, shape, chunk_pixels=100)
     with PixmapCache() as cache:
         again = blot(linear, grid.wcs, w_in, shape, pixmap=cache.get("a", w_in, grid, shape))
-        assert cache.get("a", w_in, grid, shape) is not None and cache.computed == 1
+        np.testing.assert_array_equal(cache.get("a", w_in, grid, shape), whole)
+        assert cache.computed == 1
     np.testing.assert_array_equal(blotted, again)
     expected = 2.0 * whole[..., 0] + 3.0 * whole[..., 1]
     inside = (np.isfinite(blotted) & (whole[..., 0] > 0.5) & (whole[..., 0] < grid.shape[1] - 1.5)
               & (whole[..., 1] > 0.5) & (whole[..., 1] < grid.shape[0] - 1.5))   # interpolation interior
     assert inside.sum() > 0.8 * blotted.size
     np.testing.assert_allclose(blotted[inside], expected[inside], atol=2e-3)
+
+
+def test_scratch_store_keeps_nothing_on_disk_and_smooths_once(tmp_path, monkeypatch):
+    from calstream.steps import resample as rs
+
+    calls = []
+    real = rs.smoothed_variance
+    monkeypatch.setattr(rs, "smoothed_variance", lambda var, *a: calls.append(1) or real(var, *a))
+    var = np.random.default_rng(1).uniform(1.0, 2.0, (50, 40)).astype(np.float32)
+    with PixmapCache(tmp_path) as cache:
+        assert list(tmp_path.iterdir()) == []                  # an unlinked file: no leftovers if killed
+        first = cache.weighting_variance("0", var, "ivm-smed")
+        again = cache.weighting_variance("0", var * 5, "ivm-smed")   # the first VAR_RNOISE decides
+        np.testing.assert_array_equal(first, real(var)) and np.testing.assert_array_equal(again, first)
+        assert len(calls) == 1
+        assert cache.weighting_variance("0", var, "ivm") is var and cache.weighting_variance("0", var, "exptime") is None
 
 
 # ---------------------------------------------------------------------------------------------

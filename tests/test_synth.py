@@ -500,6 +500,11 @@ def test_build_is_idempotent_and_extends(crds_cache, tmp_path):
     assert more.written == [refs.reference_name("dark", "NRCB1", "SUB64P")]
     assert fits.getheader(root / "references/jwst/nircam" / more.written[0])["NGROUPS"] == 25
     assert cc.build_crds_cache(root, detectors=("NRCB1",), subarrays=("SUB64P",)).written == []
+    manifest = root / cc.MANIFEST                     # a cache built with the earlier stage-2 recipes
+    manifest.write_text(manifest.read_text().replace(f'"stage2_recipe": {cc.STAGE2_RECIPE}', '"stage2_recipe": 1'))
+    redo = cc.build_crds_cache(root, detectors=("NRCB1",), subarrays=("SUB64P",))
+    assert redo.stage2_written and any("_flat_" in name for name in redo.stage2_written)
+    assert cc.build_crds_cache(root, detectors=("NRCB1",), subarrays=("SUB64P",)).stage2_written == []
     with pytest.raises(ValueError):
         cc.build_crds_cache(root, detectors=("NRCB1",), subarrays=("SUB64P",), seed=1)
     os.environ["CRDS_PATH"] = str(crds_cache.root)      # back to the session cache
@@ -742,3 +747,15 @@ def test_jwst_detector1_sub640_three_integrations(crds_cache, tmp_path):
     dq = fits.getdata(rateints, "DQ")
     hit = dq[big["integration"] - 1, big["y"], big["x"]]
     assert np.mean((hit & (dqflags.JUMP_DET | dqflags.SATURATED | dqflags.DO_NOT_USE)) > 0) > 0.9
+
+
+def test_observation_filters_are_checked_up_front(tmp_path):
+    from calstream.steps.synth import generate_observation
+    from calstream.steps.synth.stage2 import check_filter
+
+    assert check_filter("NRCA1", "f150w") == "F150W" and check_filter("NRCALONG", "F444W") == "F444W"
+    with pytest.raises(ValueError, match="F444W is not in the SHORT channel of NRCA1"):
+        generate_observation(tmp_path / "o", tmp_path / "crds", detectors=("NRCA1",), filter="F444W")
+    with pytest.raises(ValueError, match="'F150W2' is not one the synthetic references know"):
+        check_filter("NRCA1", "F150W2")
+    assert not (tmp_path / "crds").exists()                 # refused before anything was written

@@ -25,6 +25,7 @@ import numpy as np
 from .crds_cache import CrdsCacheInfo, build_crds_cache
 from .detector import (DetectorParams, detector_info, read_pattern, subarray_for)
 from .exposures import ExposureConfig, ExposureTruth, NoiseParams, generate_exposure
+from .stage2 import check_filter
 from .scene import aperture_wcs, point_aperture, subarray_v2v3
 
 #: Small dither pattern (detector pixels) applied to successive exposures.
@@ -97,6 +98,8 @@ def generate_observation(out_dir: str | os.PathLike, crds_root: str | os.PathLik
     dets = tuple(d.upper() for d in detectors)
     for det in dets:
         subarray_for(det, sub_name)
+        if filter:
+            check_filter(det, filter)
     frames = max(10, pattern.total_frames(ngroups))
     cache = build_crds_cache(crds_root, detectors=dets, subarrays=(sub_name,),
                              full_frame_references=full_frame_references,

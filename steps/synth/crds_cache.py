@@ -32,7 +32,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .detector import (DETECTORS, GAIN_CHANGE, DetectorParams, GainChange, ReadPattern,
                        pixel_maps, subarray_for)
@@ -48,6 +48,9 @@ DET = "META.INSTRUMENT.DETECTOR"
 SUB = "META.SUBARRAY.NAME"
 TSO = "META.VISIT.TSOVISIT"
 MANIFEST = "calstream_synth.json"
+#: version of the stage-2 reference recipes (written only when missing otherwise): a cache built
+#: with another version gets its stage-2 files rewritten (2: flats measure the detector's response)
+STAGE2_RECIPE = 2
 USEAFTER = "2022-01-01 00:00:00"
 PARS_USEAFTER = "1900-01-01 00:00:00"
 
@@ -476,10 +479,10 @@ def _pars_matches(reftype: str) -> list[tuple[str, ...]]:
 
 
 def _stage2_rows(refdir: Path, spec: CacheSpec, references: dict[str, Path], written: list[str],
-                 force: bool) -> list[RuleRow]:
+                 force: bool, params: DetectorParams | None = None) -> list[RuleRow]:
     """Write the calwebb_image2 references of ``spec.detectors`` (see :mod:`.stage2`); their rules."""
     before = {p.name for p in refdir.iterdir()}
-    rows = write_stage2_references(refdir, spec.detectors, seed=spec.seed, force=force,
+    rows = write_stage2_references(refdir, spec.detectors, seed=spec.seed, force=force, params=params,
                                    filters=spec.filters)
     out = []
     for reftype, match, name in rows:
@@ -496,8 +499,8 @@ NOOP_USEAFTER = "2023-09-01 00:00:00"
 
 
 def reprocessing_rules(rules: Sequence[RuleRow], spec: CacheSpec, refdir: Path,
-                       references: dict[str, Path], written: list[str], force: bool = False
-                       ) -> list[list[RuleRow]]:
+                       references: dict[str, Path], written: list[str], force: bool = False,
+                       params: DetectorParams | None = None) -> list[list[RuleRow]]:
     """Rules of jwst_0003 and jwst_0004 derived from ``rules`` (those of jwst_0002).
 
     0003: a second version of the :data:`REPROCESS_FLAT_FILTER` flat of each SHORT-channel
@@ -514,7 +517,7 @@ def reprocessing_rules(rules: Sequence[RuleRow], spec: CacheSpec, refdir: Path,
         path = refdir / name
         if force or not path.exists():
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-            write_flat(tmp, det, REPROCESS_FLAT_FILTER, seed=spec.seed, version=2)
+            write_flat(tmp, det, REPROCESS_FLAT_FILTER, seed=spec.seed, version=2, params=params)
             os.replace(tmp, path)
             written.append(name)
         references[name] = path
@@ -537,11 +540,15 @@ def _read_manifest(root: Path) -> CacheSpec | None:
                      reprocessing=bool(data.get("reprocessing", False)))
 
 
+def _manifest_value(root: Path, key: str, default: Any) -> Any:
+    return json.loads((root / MANIFEST).read_text()).get(key, default)
+
+
 def _write_manifest(root: Path, spec: CacheSpec) -> None:
     data = {"detectors": list(spec.detectors), "subarrays": list(spec.subarrays),
             "full_frame_references": spec.full_frame_references,
             "dark_frames": spec.dark_frames, "seed": spec.seed,
-            "filters": list(spec.filters), "reprocessing": spec.reprocessing}
+            "filters": list(spec.filters), "reprocessing": spec.reprocessing, "stage2_recipe": STAGE2_RECIPE}
     _write_text(root / MANIFEST, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
@@ -551,7 +558,8 @@ def build_crds_cache(root: str | os.PathLike, *, detectors: Sequence[str] = ("NR
                      extra_rules: Sequence[RuleRow] = (), params: DetectorParams | None = None,
                      force: bool = False, filters: Sequence[str] = (),
                      reprocessing_contexts: bool = False) -> CrdsCacheInfo:
-    """Create or extend the synthetic CRDS cache at ``root``; idempotent.
+    """Create or extend the synthetic CRDS cache at ``root``; idempotent. ``server_config`` is
+    rewritten with the newest context operational (undoing an earlier :func:`sync_operational_context`).
 
     References are written only when missing or when their recipe changed (e.g. a dark
     needs more frames); the cache's content is the union of everything ever requested
@@ -604,10 +612,12 @@ def build_crds_cache(root: str | os.PathLike, *, detectors: Sequence[str] = ("NR
         if write_pars(reftype, path):
             written.append(path.name)
     stage2_written: list[str] = []
-    stage2 = _stage2_rows(refdir, spec, references, stage2_written, force)
+    stage2_force = force or (have is not None and _manifest_value(root, "stage2_recipe", 1) != STAGE2_RECIPE)
+    stage2 = _stage2_rows(refdir, spec, references, stage2_written, stage2_force, params)
     rule_lists = [ctx1 + stage2 + list(extra_rules), ctx2 + stage2 + list(extra_rules)]
     if spec.reprocessing:
-        rule_lists += reprocessing_rules(rule_lists[-1], spec, refdir, references, stage2_written, force)
+        rule_lists += reprocessing_rules(rule_lists[-1], spec, refdir, references, stage2_written, stage2_force,
+                                         params)
     contexts = write_contexts(root, rule_lists,
                               na_types={"nircam": DETECTOR1_NA_TYPES + IMAGE2_NA_TYPES}, specs=STAGE2_SPECS)
     write_server_config(root, contexts)

@@ -264,15 +264,20 @@ def _hit_in_another_exposure(ra: np.ndarray, dec: np.ndarray, truth: Mapping[str
                              radius_pixels: float = 2.0) -> np.ndarray:
     """True where another exposure has a surviving hit within ``radius_pixels`` on the sky: with
     two of four exposures hit, their median holds the hit too and cannot reveal it."""
+    from scipy.spatial import cKDTree  # noqa: PLC0415
+
     others = [(cr["ra"], cr["dec"]) for j, e in enumerate(truth["exposures"]) if j != k for cr in e["surviving_crs"]]
-    out = np.zeros(np.shape(ra), bool)
-    if not others:
-        return out
+    if not others or not len(ra):
+        return np.zeros(np.shape(ra), bool)
     o_ra, o_dec = np.array(others).T
-    radius = radius_pixels * truth["pixel_scale_arcsec"]
-    for i in range(len(out)):
-        out[i] = bool(np.any(separation_arcsec(o_ra, o_dec, ra[i], dec[i]) < radius))
-    return out
+    cosd = math.cos(math.radians(float(np.mean(o_dec))))
+
+    def plane(r: np.ndarray, d: np.ndarray) -> np.ndarray:       # arcsec on the (small) field's tangent plane
+        return np.column_stack([np.asarray(r) * cosd * 3600.0, np.asarray(d) * 3600.0])
+
+    distance, _ = cKDTree(plane(o_ra, o_dec)).query(plane(ra, dec), distance_upper_bound=radius_pixels
+                                                     * truth["pixel_scale_arcsec"])
+    return np.isfinite(distance)
 
 
 def _covered_by_all(ra: Any, dec: Any, wcss: list[Any], truth: Mapping[str, Any], margin: float = 2.0) -> Any:
@@ -355,14 +360,16 @@ def _check_total_flux(result: Image3Truth, i2d: Any, segm: np.ndarray, truth: Ma
     light = np.zeros(sci.shape, bool)        # where the rendered sources put light (their stamps)
     inside = []
     for s in truth["sources"]:
-        sx, sy = i2d.meta.wcs.invert(s["ra"], s["dec"], with_bounding_box=False)
+        sx, sy = (float(v) for v in i2d.meta.wcs.invert(s["ra"], s["dec"], with_bounding_box=False))
         reach = _stamp_radius(s, truth["pixel_scale_arcsec"]) + 3.0
-        near = np.hypot(xx - sx, yy - sy) <= reach
-        light |= near
+        box = (slice(max(int(sy - reach), 0), max(int(sy + reach) + 2, 0)),
+               slice(max(int(sx - reach), 0), max(int(sx + reach) + 2, 0)))
+        near = np.hypot(xx[box] - sx, yy[box] - sy) <= reach          # the source's box only
+        light[box] |= near
         if s["in_all_exposures"] and s["id"] in expected:
             inside.append(s)
         else:
-            region &= ~near
+            region[box] &= ~near
     sky = _fit_sky(sci, covered & ~(light | binary_dilation(segm > 0, iterations=3)), xx, yy)
     to_jy = 1e6 * float(i2d.meta.photometry.pixelarea_steradians)
     # summing only where the sources put light keeps the sky noise out of the total

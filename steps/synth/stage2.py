@@ -15,6 +15,7 @@ Files are written through stdatamodels so jwst opens them exactly as it opens re
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .detector import DETECTORS, FULL_SIZE, detector_info, pixel_maps
+from .detector import DETECTORS, FULL_SIZE, DetectorParams, detector_info, pixel_maps
 
 #: filters given photom rows (SHORT and LONG channel broad bands), all with PUPIL=CLEAR
 PHOTOM_FILTERS: dict[str, float] = {
@@ -119,20 +120,17 @@ def write_filteroffset(path: str | os.PathLike, detector: str) -> None:
 FLAT_NOISE = 0.003
 
 
-def flat_arrays(detector: str, filt: str, seed: int = 0, version: int = 1
+def flat_arrays(detector: str, filt: str, seed: int = 0, version: int = 1, params: DetectorParams | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Full-frame (2048, 2048) flat SCI, ERR float32 and DQ uint32 of ``detector``: the relative
-    response (QE / gain, DN per photon, median 1) of the synthetic detector of ``seed``
+    response (QE / gain, DN per photon, median 1) of the synthetic detector of ``seed`` and ``params``
     (:func:`.detector.pixel_maps`), as a lamp flat measures it (``FLAT_NOISE`` rms per pixel;
     ``version`` draws a new measurement), plus a few NaN / zero / NO_FLAT_FIELD / DO_NOT_USE
     pixels. Dead pixels measure 0; reference pixels are 1."""
-    maps = pixel_maps(detector, seed)
-    response = maps.qe / maps.gain
-    light = ~maps.is_ref & (maps.qe > 0)
-    response /= np.median(response[light])
+    response, is_ref = detector_response(detector, seed, params or DetectorParams())
     rng = np.random.default_rng([seed, DETECTORS.index(detector.upper()), list(PHOTOM_FILTERS).index(filt), version])
     sci = (response * (1.0 + rng.normal(0.0, FLAT_NOISE, response.shape))).astype(np.float32)
-    sci[maps.is_ref] = 1.0
+    sci[is_ref] = 1.0
     err = (FLAT_NOISE * np.abs(sci)).astype(np.float32)
     dq = np.zeros(sci.shape, np.uint32)
     n = FULL_SIZE * FULL_SIZE
@@ -149,10 +147,23 @@ def flat_arrays(detector: str, filt: str, seed: int = 0, version: int = 1
     return sci, err, dq
 
 
-def write_flat(path: str | os.PathLike, detector: str, filt: str, seed: int = 0, version: int = 1) -> None:
+@functools.lru_cache(maxsize=1)
+def detector_response(detector: str, seed: int, params: DetectorParams) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 (2048, 2048) relative response QE / gain of the light-sensitive pixels, median 1;
+    bool reference-pixel mask) of the synthetic detector; kept for the next filter's flat."""
+    maps = pixel_maps(detector, seed, params=params)
+    response = maps.qe / maps.gain
+    response /= np.median(response[~maps.is_ref & (maps.qe > 0)])
+    response.flags.writeable = False
+    maps.is_ref.flags.writeable = False
+    return response, maps.is_ref
+
+
+def write_flat(path: str | os.PathLike, detector: str, filt: str, seed: int = 0, version: int = 1,
+               params: DetectorParams | None = None) -> None:
     from stdatamodels.jwst.datamodels import FlatModel  # noqa: PLC0415
 
-    sci, err, dq = flat_arrays(detector, filt, seed, version)
+    sci, err, dq = flat_arrays(detector, filt, seed, version, params)
     with FlatModel(data=sci, err=err, dq=dq) as model:
         _meta(model, "flat", detector, f"calstream synthetic flat {filt}" + (f" (version {version})" if version > 1 else ""))
         model.meta.instrument.filter = filt
@@ -205,6 +216,18 @@ def default_filter(detector: str) -> str:
     return "F200W" if detector_info(detector).channel == "SHORT" else "F444W"
 
 
+def check_filter(detector: str, filt: str) -> str:
+    """``filt`` (upper case) if the synthetic references know it and it belongs to ``detector``'s
+    channel; ValueError naming both otherwise."""
+    name = str(filt).upper()
+    if name not in PHOTOM_FILTERS:
+        raise ValueError(f"filter {filt!r} is not one the synthetic references know ({', '.join(PHOTOM_FILTERS)})")
+    channel = detector_info(detector).channel
+    if (int(name[1:4]) < 250) != (channel == "SHORT"):
+        raise ValueError(f"filter {name} is not in the {channel} channel of {detector.upper()}")
+    return name
+
+
 def detector_filters(detector: str, filters: Iterable[str] = ()) -> list[str]:
     """The default filter of ``detector`` plus those of ``filters`` in its channel
     (SHORT: below 2.5 um, LONG: above)."""
@@ -218,7 +241,7 @@ def detector_filters(detector: str, filters: Iterable[str] = ()) -> list[str]:
 
 
 def write_stage2_references(refdir: str | os.PathLike, detectors: Iterable[str], seed: int = 0,
-                            force: bool = False, filters: Iterable[str] = ()
+                            force: bool = False, filters: Iterable[str] = (), params: DetectorParams | None = None
                             ) -> list[tuple[str, tuple[str, ...], str]]:
     """Write (when missing) the stage-2 references of ``detectors`` (their default filter and
     the ``filters`` of their channel, PUPIL=CLEAR); return ``(reftype, match, basename)`` rows
@@ -239,7 +262,7 @@ def write_stage2_references(refdir: str | os.PathLike, detectors: Iterable[str],
                  lambda p, d=det: write_photom(p, d))]
         for filt in detector_filters(det, filters):
             jobs += [("flat", (det, filt, "CLEAR", "NRC_IMAGE"), stage2_name("flat", det, filt),
-                      lambda p, d=det, f=filt: write_flat(p, d, f, seed)),
+                      lambda p, d=det, f=filt: write_flat(p, d, f, seed, params=params)),
                      ("area", (det, filt, "CLEAR", "NRC_IMAGE"), stage2_name("area", det, filt),
                       lambda p, d=det, f=filt: write_area(p, d, f))]
         for reftype, match, name, writer in jobs:
